@@ -1,0 +1,1 @@
+"""MSC4140 cancellable delayed events for any Matrix homeserver, as a sidecar."""

@@ -1,0 +1,111 @@
+"""Settings, read from `SIDECAR_*` environment variables and validated once at start."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "SIDECAR_"
+
+
+class Settings(BaseSettings):
+    """Every setting of the sidecar. The README lists them with their defaults."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    database_url: str = Field(
+        description="PostgreSQL URL, e.g. postgresql://user:pass@host:5432/db",
+    )
+    homeserver_url: str = Field(
+        description="The homeserver's client-server API, as the sidecar reaches it directly",
+    )
+    token_keys: Annotated[list[bytes], NoDecode] = Field(
+        description="Comma-separated base64 32-byte keys for tokens at rest; the first encrypts",
+    )
+    listen_host: str = "127.0.0.1"
+    listen_port: int = Field(default=8009, ge=1, le=65535)
+
+    max_delay_ms: int = Field(default=86_400_000, ge=1)
+    max_scheduled_per_user: int = Field(default=100, ge=1)
+    max_body_bytes: int = Field(default=65_536, ge=1024)
+
+    whoami_cache_seconds: float = Field(default=60.0, ge=0)
+    homeserver_timeout_seconds: float = Field(default=10.0, gt=0)
+    sweep_interval_seconds: float = Field(default=15.0, gt=0)
+    claim_lease_seconds: float = Field(default=60.0, gt=0)
+    retry_window_seconds: float = Field(default=3600.0, gt=0)
+    retry_max_backoff_seconds: float = Field(default=60.0, gt=0)
+    replay_concurrency: int = Field(default=16, ge=1, le=256)
+
+    finalised_retention_days: float = Field(default=7.0, gt=0)
+    finalised_max_per_user: int = Field(default=1000, ge=0)
+    prune_interval_seconds: float = Field(default=600.0, gt=0)
+
+    cancel_on_newer_state: bool = True
+
+    log_level: str = "INFO"
+    database_pool_size: int = Field(default=10, ge=1)
+
+    @field_validator("database_url")
+    @classmethod
+    def _asyncpg_driver(cls, value: str) -> str:
+        for prefix in ("postgresql://", "postgres://", "postgresql+asyncpg://"):
+            if value.startswith(prefix):
+                return "postgresql+asyncpg://" + value[len(prefix) :]
+        raise ValueError("must start with postgresql:// (or postgresql+asyncpg://)")
+
+    @field_validator("homeserver_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("token_keys", mode="before")
+    @classmethod
+    def _decode_keys(cls, value: object) -> list[bytes]:
+        if isinstance(value, list) and all(isinstance(k, bytes) for k in value):
+            return value
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError("must be one or more comma-separated keys (python -m app gen-key)")
+        keys = []
+        for part in value.split(","):
+            try:
+                key = base64.urlsafe_b64decode(part.strip() + "=" * (-len(part.strip()) % 4))
+            except (binascii.Error, ValueError):
+                raise ValueError("each key must be base64 (python -m app gen-key makes one)") from None
+            if len(key) != 32:
+                raise ValueError("each key must decode to 32 bytes (python -m app gen-key)")
+            keys.append(key)
+        return keys
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
+        return level
+
+
+class SettingsError(Exception):
+    """The environment does not describe a valid configuration; the message says what to fix."""
+
+
+def load_settings() -> Settings:
+    """Read the environment, turning pydantic's report into one line per wrong setting."""
+    try:
+        return Settings()  # type: ignore[call-arg]
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            name = ENV_PREFIX + str(err["loc"][0]).upper() if err["loc"] else ENV_PREFIX
+            message = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "missing":
+                message = "is required"
+            lines.append(f"  {name}: {message}")
+        raise SettingsError("invalid settings:\n" + "\n".join(lines)) from None
