@@ -1,0 +1,479 @@
+"""Static checks of the container files: docker-compose.yml, the Dockerfile, .dockerignore and the
+configs they mount. No Docker engine is needed; the files are read and cross-checked against the
+settings the sidecar defines and the ports the local stack uses.
+
+Each check is a function that returns the problems it finds, so that the tests below can also feed
+it broken copies and see it complain.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from app.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+SYNAPSE_CONFIG = ROOT / "deploy/compose/synapse/homeserver.yaml"
+NGINX_COMPOSE_DIR = ROOT / "deploy/compose/nginx"
+
+# The local stack's ports (scripts/stack up); the compose stack publishes the same ones.
+NGINX_PORT = 8080
+SYNAPSE_PORT = 8008
+SIDECAR_PORT = int(Settings.model_fields["listen_port"].default)
+POSTGRES_PORT = 54329
+
+SERVICES = {"postgres", "synapse", "migrate", "sidecar", "nginx"}
+SIDECAR_SERVICES = ("migrate", "sidecar")
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+
+def load_compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE_FILE.read_text())
+    assert isinstance(data, dict), "docker-compose.yml is not a mapping"
+    return data
+
+
+def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined and comments dropped."""
+    logical: list[str] = []
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        logical.append(pending + line)
+        pending = ""
+    if pending:
+        logical.append(pending)
+    pairs = []
+    for line in logical:
+        word, _, rest = line.partition(" ")
+        pairs.append((word.upper(), rest.strip()))
+    return pairs
+
+
+def final_stage(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    starts = [i for i, (word, _) in enumerate(pairs) if word == "FROM"]
+    return pairs[starts[-1] :] if starts else []
+
+
+def env_mapping(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        return dict(item.partition("=")[::2] for item in env)
+    return {str(k): str(v) for k, v in env.items()}
+
+
+def port_pairs(service: dict[str, Any]) -> list[tuple[int, int]]:
+    """(published, target) for each `ports` entry, short or long syntax."""
+    pairs = []
+    for entry in service.get("ports") or []:
+        if isinstance(entry, dict):
+            pairs.append((int(entry["published"]), int(entry["target"])))
+            continue
+        parts = str(entry).split("/")[0].split(":")
+        pairs.append((int(parts[-2]), int(parts[-1])))
+    return pairs
+
+
+def bind_mounts(service: dict[str, Any]) -> list[tuple[str, str]]:
+    """(host path, container path) of each bind mount; named volumes are left out."""
+    mounts = []
+    for entry in service.get("volumes") or []:
+        if isinstance(entry, dict):
+            if entry.get("type") == "bind":
+                mounts.append((entry["source"], entry["target"]))
+            continue
+        source, target = str(entry).split(":")[:2]
+        if source.startswith((".", "/")):
+            mounts.append((source, target))
+    return mounts
+
+
+def named_volumes(service: dict[str, Any]) -> list[str]:
+    names = []
+    for entry in service.get("volumes") or []:
+        if isinstance(entry, dict):
+            if entry.get("type") == "volume":
+                names.append(entry["source"])
+            continue
+        source = str(entry).split(":")[0]
+        if not source.startswith((".", "/")):
+            names.append(source)
+    return names
+
+
+def substituted(value: str) -> str:
+    """The value with `${VAR:-default}` replaced by its default, as compose would without .env."""
+    return re.sub(r"\$\{[A-Z0-9_]+:?-([^}]*)\}", r"\1", value)
+
+
+def service_by_mount(compose: dict[str, Any], container_dir: str) -> dict[str, Any]:
+    for service in compose["services"].values():
+        for _, target in bind_mounts(service):
+            if target.rstrip("/") == container_dir:
+                return service
+    return {}
+
+
+# --- checks ---------------------------------------------------------------------------------------
+
+
+def compose_structure_problems(compose: dict[str, Any]) -> list[str]:
+    problems = []
+    services = compose.get("services") or {}
+    missing = SERVICES - set(services)
+    if missing:
+        problems.append(f"services missing: {sorted(missing)}")
+    declared = set(compose.get("volumes") or {})
+    for name, service in services.items():
+        deps = service.get("depends_on") or {}
+        for dep in deps:
+            if dep not in services:
+                problems.append(f"{name} depends on unknown service {dep}")
+        for volume in named_volumes(service):
+            if volume not in declared:
+                problems.append(f"{name} uses undeclared volume {volume}")
+        if "image" not in service and "build" not in service:
+            problems.append(f"{name} has neither image nor build")
+    sidecar_deps = (services.get("sidecar") or {}).get("depends_on") or {}
+    if (sidecar_deps.get("migrate") or {}).get("condition") != "service_completed_successfully":
+        problems.append("sidecar must start only after migrate completed successfully")
+    if (services.get("migrate") or {}).get("command") != ["migrate"]:
+        problems.append("the migrate service must run the image's `migrate` command")
+    if (services.get("sidecar") or {}).get("command", ["serve"]) != ["serve"]:
+        problems.append("the sidecar service must run `serve`")
+    return problems
+
+
+def mount_problems(compose: dict[str, Any], root: Path) -> list[str]:
+    problems = []
+    for name, service in (compose.get("services") or {}).items():
+        for source, target in bind_mounts(service):
+            if source.startswith("/"):
+                problems.append(f"{name} mounts an absolute host path {source}")
+            elif not (root / source).exists():
+                problems.append(f"{name} mounts {source} -> {target}, which is not in the repo")
+        build = service.get("build")
+        if build is not None:
+            context = build if isinstance(build, str) else build.get("context", ".")
+            dockerfile = "Dockerfile" if isinstance(build, str) else build.get("dockerfile")
+            if not (root / context / (dockerfile or "Dockerfile")).is_file():
+                problems.append(f"{name} builds {context} without a Dockerfile there")
+    return problems
+
+
+def port_problems(compose: dict[str, Any]) -> list[str]:
+    services = compose.get("services") or {}
+    expected = {
+        "nginx": (NGINX_PORT, NGINX_PORT),
+        "synapse": (SYNAPSE_PORT, SYNAPSE_PORT),
+        "sidecar": (SIDECAR_PORT, SIDECAR_PORT),
+        "postgres": (POSTGRES_PORT, 5432),
+    }
+    problems = []
+    for name, pair in expected.items():
+        got = port_pairs(services.get(name) or {})
+        if pair not in got:
+            problems.append(f"{name} should publish {pair[0]} -> {pair[1]}, has {got}")
+    return problems
+
+
+def sidecar_env_problems(compose: dict[str, Any]) -> list[str]:
+    fields = Settings.model_fields
+    known = {"SIDECAR_" + field.upper() for field in fields}
+    required = {"SIDECAR_" + name.upper() for name, f in fields.items() if f.is_required()}
+    services = compose.get("services") or {}
+    problems = []
+    for name in SIDECAR_SERVICES:
+        env = env_mapping(services.get(name) or {})
+        for key in env:
+            if key.startswith("SIDECAR_") and key not in known:
+                problems.append(f"{name} sets {key}, which app/settings.py does not define")
+        missing = required - set(env)
+        if missing:
+            problems.append(f"{name} lacks required settings {sorted(missing)}")
+        if env.get("SIDECAR_LISTEN_HOST") != "0.0.0.0":
+            problems.append(f"{name} must listen on 0.0.0.0 inside its container")
+        if env.get("SIDECAR_LISTEN_PORT", str(SIDECAR_PORT)) != str(SIDECAR_PORT):
+            problems.append(f"{name} listens on {env['SIDECAR_LISTEN_PORT']}, not {SIDECAR_PORT}")
+        homeserver = env.get("SIDECAR_HOMESERVER_URL", "")
+        if homeserver.rstrip("/") != f"http://synapse:{SYNAPSE_PORT}":
+            problems.append(f"{name} reaches the homeserver at {homeserver!r}")
+        database = substituted(env.get("SIDECAR_DATABASE_URL", ""))
+        pg_env = {k: substituted(v) for k, v in env_mapping(services.get("postgres") or {}).items()}
+        want = (
+            f"postgresql://{pg_env.get('POSTGRES_USER')}:{pg_env.get('POSTGRES_PASSWORD')}"
+            f"@postgres:5432/{pg_env.get('POSTGRES_DB')}"
+        )
+        if database != want:
+            problems.append(f"{name} database URL {database!r} does not match postgres ({want!r})")
+    return problems
+
+
+def synapse_problems(compose: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    problems = []
+    if config.get("max_event_delay_duration") is not None:
+        problems.append("Synapse's own MSC4140 must stay off (max_event_delay_duration: null)")
+    if not config.get("registration_shared_secret"):
+        problems.append("registration_shared_secret is not set")
+    ports = {
+        listener.get("port")
+        for listener in config.get("listeners") or []
+        if any("client" in r.get("names", []) for r in listener.get("resources") or [])
+    }
+    if SYNAPSE_PORT not in ports:
+        problems.append(f"no client listener on {SYNAPSE_PORT}: {sorted(map(str, ports))}")
+    synapse = (compose.get("services") or {}).get("synapse") or {}
+    mounted = {target for _, target in bind_mounts(synapse)}
+    for key in ("log_config",):
+        path = config.get(key)
+        if path not in mounted:
+            problems.append(f"{key} {path} is not a file mounted into the synapse container")
+    return problems
+
+
+def nginx_problems(compose: dict[str, Any], conf_dir: Path, root: Path) -> list[str]:
+    """The compose server config listens on the published port, proxies to the compose services
+    and includes only files that the nginx container has mounted."""
+    nginx = (compose.get("services") or {}).get("nginx") or {}
+    mounts = {target.rstrip("/"): source for source, target in bind_mounts(nginx)}
+    confs = sorted(conf_dir.glob("*.conf"))
+    if not confs:
+        return [f"no nginx config in {conf_dir}"]
+    text = "\n".join(p.read_text() for p in confs)
+    problems = []
+    if not re.search(rf"^\s*listen\s+(\S+:)?{NGINX_PORT}\b", text, re.M):
+        problems.append(f"the compose vhost does not listen on {NGINX_PORT}")
+    servers = set(re.findall(r"^\s*server\s+([\w.-]+:\d+)", text, re.M))
+    for want in (f"synapse:{SYNAPSE_PORT}", f"sidecar:{SIDECAR_PORT}"):
+        if want not in servers:
+            problems.append(f"no upstream server {want} (found {sorted(servers)})")
+    for include in re.findall(r"^\s*include\s+([^;]+);", text, re.M):
+        if include.startswith("/etc/nginx/") and include.count("/") == 3:
+            continue  # the image's own files (mime.types and the like)
+        host = None
+        for target, source in mounts.items():
+            if include == target or include.startswith(target + "/"):
+                host = root / source / include[len(target) :].lstrip("/")
+        if host is None:
+            problems.append(f"include {include} is not inside a mounted directory")
+        elif not any(Path(p).is_file() for p in _glob(host)):
+            problems.append(f"include {include} matches no file in the repo ({host})")
+    return problems
+
+
+def _glob(path: Path) -> list[str]:
+    if any(ch in str(path) for ch in "*?["):
+        return [str(p) for p in path.parent.glob(path.name)]
+    return [str(path)]
+
+
+def dockerfile_problems(text: str) -> list[str]:
+    pairs = dockerfile_instructions(text)
+    stages = [args for word, args in pairs if word == "FROM"]
+    problems = []
+    if len(stages) < 2:
+        problems.append("the Dockerfile should be multi-stage (build, then runtime)")
+    last = final_stage(pairs)
+    users = [args for word, args in last if word == "USER"]
+    if not users:
+        problems.append("the runtime stage has no USER (it would run as root)")
+    elif users[-1].split(":")[0] in {"root", "0"}:
+        problems.append(f"the runtime stage runs as {users[-1]}")
+    health = [args for word, args in last if word == "HEALTHCHECK"]
+    if not health or "NONE" in health[-1].split() or "/health" not in health[-1]:
+        problems.append("the runtime stage has no HEALTHCHECK on /health")
+    elif "curl" in health[-1] or "wget" in health[-1]:
+        problems.append("the HEALTHCHECK uses a tool the slim image lacks")
+    exposed = {p.split("/")[0] for word, args in last if word == "EXPOSE" for p in args.split()}
+    if str(SIDECAR_PORT) not in exposed:
+        problems.append(f"the runtime stage does not EXPOSE {SIDECAR_PORT}")
+    entry = " ".join(args for word, args in last if word in {"ENTRYPOINT", "CMD"})
+    if not re.search(r'"python",\s*"-m",\s*"app"', entry) or '"serve"' not in entry:
+        problems.append("the image does not run `python -m app serve` by default")
+    if not any(word == "FROM" and args.startswith("python:3.11-slim") for word, args in pairs):
+        arg_base = [a for w, a in pairs if w == "ARG" and "python:3.11-slim" in a]
+        if not arg_base:
+            problems.append("the image is not based on python:3.11-slim")
+    return problems
+
+
+def copy_sources(text: str) -> list[str]:
+    sources = []
+    for word, args in dockerfile_instructions(text):
+        if word != "COPY" or "--from=" in args:
+            continue
+        parts = [p for p in args.split() if not p.startswith("--")]
+        sources.extend(parts[:-1])
+    return sources
+
+
+def ignored(path: str, patterns: list[str]) -> bool:
+    """Whether .dockerignore leaves `path` out of the build context (last matching rule wins)."""
+    result = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        rule = pattern[1:] if negate else pattern
+        rule = rule.strip("/")
+        if fnmatch.fnmatch(path, rule) or fnmatch.fnmatch(path.split("/")[0], rule):
+            result = not negate
+    return result
+
+
+def context_problems(dockerfile: str, dockerignore: str, root: Path) -> list[str]:
+    patterns = [
+        line.strip()
+        for line in dockerignore.splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    problems = []
+    for source in copy_sources(dockerfile):
+        source = source.rstrip("/")
+        if not (root / source).exists():
+            problems.append(f"COPY {source}: not in the repo")
+        elif ignored(source, patterns):
+            problems.append(f"COPY {source}: left out of the build context by .dockerignore")
+    for secret in (".env", ".venv", ".git"):
+        if not ignored(secret, patterns):
+            problems.append(f".dockerignore lets {secret} into the build context")
+    return problems
+
+
+# --- the real files -------------------------------------------------------------------------------
+
+
+def test_compose_parses_and_names_every_service() -> None:
+    assert compose_structure_problems(load_compose()) == []
+
+
+def test_every_bind_mount_and_build_context_is_in_the_repo() -> None:
+    assert mount_problems(load_compose(), ROOT) == []
+
+
+def test_ports_agree_with_the_local_stack() -> None:
+    assert port_problems(load_compose()) == []
+
+
+def test_sidecar_environment_uses_the_settings_names() -> None:
+    assert sidecar_env_problems(load_compose()) == []
+
+
+def test_synapse_config_leaves_msc4140_to_the_sidecar() -> None:
+    assert synapse_problems(load_compose(), yaml.safe_load(SYNAPSE_CONFIG.read_text())) == []
+
+
+def test_nginx_config_matches_the_compose_services() -> None:
+    assert nginx_problems(load_compose(), NGINX_COMPOSE_DIR, ROOT) == []
+
+
+def test_dockerfile_runs_unprivileged_with_a_healthcheck() -> None:
+    assert dockerfile_problems(DOCKERFILE.read_text()) == []
+
+
+def test_build_context_holds_what_the_dockerfile_copies() -> None:
+    assert context_problems(DOCKERFILE.read_text(), DOCKERIGNORE.read_text(), ROOT) == []
+
+
+# --- the checks catch breakage --------------------------------------------------------------------
+
+
+def _broken(edit: Any) -> dict[str, Any]:
+    compose = copy.deepcopy(load_compose())
+    edit(compose["services"])
+    return compose
+
+
+COMPOSE_BREAKAGES = {
+    "service removed": (compose_structure_problems, lambda s: s.pop("nginx")),
+    "unknown dependency": (
+        compose_structure_problems,
+        lambda s: s["sidecar"]["depends_on"].update({"redis": {"condition": "service_started"}}),
+    ),
+    "no migrate gate": (
+        compose_structure_problems,
+        lambda s: s["sidecar"]["depends_on"].pop("migrate"),
+    ),
+    "undeclared volume": (
+        compose_structure_problems,
+        lambda s: s["postgres"]["volumes"].append("elsewhere:/x"),
+    ),
+    "missing mounted file": (
+        lambda c: mount_problems(c, ROOT),
+        lambda s: s["synapse"]["volumes"].append("./deploy/compose/synapse/nope.yaml:/config/x"),
+    ),
+    "nginx on another port": (port_problems, lambda s: s["nginx"].update(ports=["8081:8080"])),
+    "synapse unpublished": (port_problems, lambda s: s["synapse"].pop("ports")),
+    "unknown setting": (
+        sidecar_env_problems,
+        lambda s: s["sidecar"]["environment"].update(SIDECAR_MAX_DELAY_SECONDS="5"),
+    ),
+    "required setting missing": (
+        sidecar_env_problems,
+        lambda s: s["migrate"]["environment"].pop("SIDECAR_TOKEN_KEYS"),
+    ),
+    "loopback listener": (
+        sidecar_env_problems,
+        lambda s: s["sidecar"]["environment"].update(SIDECAR_LISTEN_HOST="127.0.0.1"),
+    ),
+    "wrong database": (
+        sidecar_env_problems,
+        lambda s: s["postgres"]["environment"].update(POSTGRES_DB="other"),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMPOSE_BREAKAGES))
+def test_compose_checks_catch(name: str) -> None:
+    check, edit = COMPOSE_BREAKAGES[name]
+    assert check(_broken(edit)) != []
+
+
+def test_synapse_check_catches_msc4140_on_and_a_missing_log_config() -> None:
+    config = yaml.safe_load(SYNAPSE_CONFIG.read_text())
+    assert synapse_problems(load_compose(), {**config, "max_event_delay_duration": "24h"})
+    assert synapse_problems(load_compose(), {**config, "log_config": "/elsewhere/log.yaml"})
+    assert synapse_problems(load_compose(), {**config, "listeners": []})
+
+
+def test_nginx_check_catches_a_wrong_upstream_and_a_missing_include(tmp_path: Path) -> None:
+    good = "\n".join(p.read_text() for p in sorted(NGINX_COMPOSE_DIR.glob("*.conf")))
+    (tmp_path / "default.conf").write_text(good.replace(f"sidecar:{SIDECAR_PORT}", "sidecar:1"))
+    assert nginx_problems(load_compose(), tmp_path, ROOT)
+    (tmp_path / "default.conf").write_text(good + "\ninclude /etc/nowhere/x.conf;\n")
+    assert nginx_problems(load_compose(), tmp_path, ROOT)
+
+
+DOCKERFILE_BREAKAGES = {
+    "runs as root": lambda t: re.sub(r"^USER .*$", "USER root", t, flags=re.M),
+    "no user": lambda t: re.sub(r"^USER .*$", "", t, flags=re.M),
+    "no healthcheck": lambda t: re.sub(r"^HEALTHCHECK ", "# ", t, flags=re.M),
+    "port not exposed": lambda t: re.sub(r"^EXPOSE .*$", "EXPOSE 9000", t, flags=re.M),
+    "single stage": lambda t: t.replace("FROM ${PYTHON_IMAGE} AS runtime", "RUN true"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DOCKERFILE_BREAKAGES))
+def test_dockerfile_checks_catch(name: str) -> None:
+    assert dockerfile_problems(DOCKERFILE_BREAKAGES[name](DOCKERFILE.read_text())) != []
+
+
+def test_context_check_catches_an_excluded_copy_and_a_leaked_env_file() -> None:
+    text = DOCKERFILE.read_text()
+    assert context_problems(text, DOCKERIGNORE.read_text() + "\nmigrations\n", ROOT)
+    assert context_problems(text, "**/__pycache__\n", ROOT)
