@@ -121,7 +121,7 @@ async function registerWithSharedSecret(baseUrl, secret, username, password) {
         body: JSON.stringify({ nonce, username, password, admin: false, mac }),
     });
     const body = await response.json().catch(() => ({}));
-    if (!response.ok) {
+    if (!response.ok || !body.user_id || !body.access_token || !body.device_id) {
         throw new Error(`registering ${username} at ${url} answered ${response.status} ${describe(body)}`);
     }
     return { userId: body.user_id, accessToken: body.access_token, deviceId: body.device_id };
