@@ -77,7 +77,9 @@ class Settings(BaseSettings):
             try:
                 key = base64.urlsafe_b64decode(part.strip() + "=" * (-len(part.strip()) % 4))
             except (binascii.Error, ValueError):
-                raise ValueError("each key must be base64 (python -m app gen-key makes one)") from None
+                raise ValueError(
+                    "each key must be base64 (python -m app gen-key makes one)"
+                ) from None
             if len(key) != 32:
                 raise ValueError("each key must decode to 32 bytes (python -m app gen-key)")
             keys.append(key)
@@ -99,7 +101,7 @@ class SettingsError(Exception):
 def load_settings() -> Settings:
     """Read the environment, turning pydantic's report into one line per wrong setting."""
     try:
-        return Settings()  # type: ignore[call-arg]
+        return Settings()
     except ValidationError as exc:
         lines = []
         for err in exc.errors():

@@ -22,12 +22,14 @@ def find_bindir() -> Path:
     """The newest PostgreSQL `bin` folder on the machine (or the one holding `pg_ctl` on PATH)."""
     on_path = shutil.which("pg_ctl")
     if on_path:
-        return Path(on_path).parent
+        return Path(on_path).resolve().parent
     candidates = sorted(
         glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2].split(".")[0])
     )
     if not candidates:
-        raise RuntimeError("no PostgreSQL binaries found (looked for pg_ctl and /usr/lib/postgresql)")
+        raise RuntimeError(
+            "no PostgreSQL binaries found (looked for pg_ctl and /usr/lib/postgresql)"
+        )
     return Path(candidates[-1])
 
 
@@ -38,7 +40,7 @@ def free_port() -> int:
 
 
 def _as_service_user(cmd: list[str]) -> list[str]:
-    """initdb and postgres refuse to run as root; drop to the `postgres` account when we are root."""
+    """initdb and postgres refuse to run as root: drop to the `postgres` account when root."""
     if os.geteuid() != 0:
         return cmd
     return ["runuser", "-u", SERVICE_USER, "--", *cmd]

@@ -1,0 +1,29 @@
+"""What the routes need, built once in the lifespan and found on the application's state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.requests import Request
+
+from app.auth import Authenticator
+from app.homeserver import Homeserver
+from app.scheduler import WakeUpScheduler
+from app.service import DelayedEventService
+from app.settings import Settings
+
+
+@dataclass
+class Container:
+    settings: Settings
+    engine: AsyncEngine
+    homeserver: Homeserver
+    auth: Authenticator
+    service: DelayedEventService
+    scheduler: WakeUpScheduler
+
+
+def container(request: Request) -> Container:
+    found: Container = request.app.state.container
+    return found

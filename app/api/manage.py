@@ -1,0 +1,142 @@
+"""Managing and looking up delayed events, on the unstable prefix (generation A: token optional
+for actions, finalised events are not found) and on v1 (token required, 200/409 on finalised)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from starlette.requests import Request
+
+from app.api import requests as rq
+from app.api.deps import container
+from app.auth import Requester
+from app.errors import InvalidParam, MissingParam, MissingToken, Unrecognized
+from app.service import Action, Status
+
+router = APIRouter()
+
+UNSTABLE = "/_matrix/client/unstable/org.matrix.msc4140"
+V1 = "/_matrix/client/v1"
+_MAX_LIMIT = 1000
+_DEFAULT_LIMIT = 100
+
+
+async def _requester(request: Request, *, v1: bool) -> Requester | None:
+    c = container(request)
+    requester = await c.auth.optional(request)
+    if requester is None and v1:
+        raise MissingToken("Missing access token")
+    return requester
+
+
+async def _act(request: Request, delay_id: str, action: Action, *, v1: bool) -> dict[str, Any]:
+    requester = await _requester(request, v1=v1)
+    c = container(request)
+    await rq.read_body(request, c.settings.max_body_bytes)  # {} or empty; contents unused
+    await c.service.manage(requester, rq.path_segment(delay_id, "delay id"), action, v1=v1)
+    return {}
+
+
+async def _act_from_body(request: Request, delay_id: str, *, v1: bool) -> dict[str, Any]:
+    requester = await _requester(request, v1=v1)
+    c = container(request)
+    body = rq.parse_json_object(await rq.read_body(request, c.settings.max_body_bytes))
+    if "action" not in body:
+        raise MissingParam("'action' is missing")
+    try:
+        action = Action(body["action"])
+    except (ValueError, TypeError):
+        raise InvalidParam("'action' must be one of send, cancel, restart") from None
+    await c.service.manage(requester, rq.path_segment(delay_id, "delay id"), action, v1=v1)
+    return {}
+
+
+def _limit(request: Request, pairs: list[tuple[str, str, str]]) -> int:
+    value = rq.single(pairs, "limit")
+    if value is None:
+        return _DEFAULT_LIMIT
+    if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= _MAX_LIMIT:
+        raise InvalidParam(f"limit must be an integer from 1 to {_MAX_LIMIT}")
+    return int(value)
+
+
+async def _list(request: Request) -> dict[str, Any]:
+    c = container(request)
+    requester = await c.auth.required(request)
+    pairs = rq.query_pairs(request)
+    status_value = rq.single(pairs, "status")
+    try:
+        status = Status(status_value) if status_value is not None else None
+    except ValueError:
+        raise InvalidParam("status must be 'scheduled' or 'finalised'") from None
+    delay_ids = [value for key, value, _ in pairs if key == "delay_id"]
+    if len(delay_ids) > _MAX_LIMIT:
+        raise InvalidParam(f"At most {_MAX_LIMIT} delay_id values")
+    return await c.service.list(
+        requester,
+        status=status,
+        delay_ids=delay_ids,
+        from_token=rq.single(pairs, "from"),
+        limit=_limit(request, pairs),
+    )
+
+
+async def _get(request: Request, delay_id: str) -> dict[str, Any]:
+    c = container(request)
+    requester = await c.auth.required(request)
+    return await c.service.get(requester, rq.path_segment(delay_id, "delay id"))
+
+
+def _add_routes(prefix: str, v1: bool) -> None:
+    tag = "v1" if v1 else "unstable"
+
+    async def act(request: Request, delay_id: str, action: str) -> dict[str, Any]:
+        try:
+            parsed = Action(action)
+        except ValueError:
+            raise Unrecognized("Unrecognized request") from None
+        return await _act(request, delay_id, parsed, v1=v1)
+
+    async def act_from_body(request: Request, delay_id: str) -> dict[str, Any]:
+        return await _act_from_body(request, delay_id, v1=v1)
+
+    async def list_events(request: Request) -> dict[str, Any]:
+        return await _list(request)
+
+    async def get_event(request: Request, delay_id: str) -> dict[str, Any]:
+        return await _get(request, delay_id)
+
+    base = prefix + "/delayed_events"
+    router.add_api_route(
+        base + "/{delay_id}/{action}",
+        act,
+        methods=["POST"],
+        summary="Send, cancel or restart a delayed event",
+        operation_id=f"act_{tag}",
+    )
+    router.add_api_route(
+        base + "/{delay_id}",
+        act_from_body,
+        methods=["POST"],
+        summary='Send, cancel or restart a delayed event (body {"action": ...})',
+        operation_id=f"act_from_body_{tag}",
+    )
+    router.add_api_route(
+        base,
+        list_events,
+        methods=["GET"],
+        summary="List delayed events",
+        operation_id=f"list_{tag}",
+    )
+    router.add_api_route(
+        base + "/{delay_id}",
+        get_event,
+        methods=["GET"],
+        summary="Get one delayed event",
+        operation_id=f"get_{tag}",
+    )
+
+
+_add_routes(UNSTABLE, v1=False)
+_add_routes(V1, v1=True)

@@ -1,0 +1,101 @@
+"""ASGI middleware: route on the raw path, answer CORS like a homeserver, and turn anything that
+escapes a route into a Matrix error without a stack trace."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+logger = logging.getLogger(__name__)
+
+CORS_HEADERS = [
+    (b"access-control-allow-origin", b"*"),
+    (b"access-control-allow-methods", b"GET, HEAD, POST, PUT, DELETE, OPTIONS"),
+    (b"access-control-allow-headers", b"X-Requested-With, Content-Type, Authorization, Date"),
+    (b"access-control-expose-headers", b"Synapse-Trace-Id, Server, ETag"),
+]
+
+_DATABASE_DOWN = (OperationalError, InterfaceError, PoolTimeout, ConnectionError, TimeoutError)
+
+
+def _database_down(exc: BaseException) -> bool:
+    if isinstance(exc, _DATABASE_DOWN):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+class RawPathMiddleware:
+    """Match routes against the path as the client sent it, still percent-encoded, so that an
+    encoded `/` inside a state key stays inside its segment; routes decode each segment once."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            raw = scope.get("raw_path") or scope["path"].encode()
+            path = raw.partition(b"?")[0]
+            try:
+                scope = dict(scope, path=path.decode("ascii"))
+            except UnicodeDecodeError:
+                await _send_json(send, 400, {"errcode": "M_INVALID_PARAM", "error": "Bad path"})
+                return
+        await self.app(scope, receive, send)
+
+
+class MatrixEdgeMiddleware:
+    """CORS on every answer, OPTIONS answered directly, and a last line of defence for errors."""
+
+    def __init__(self, app: ASGIApp, max_path_bytes: int = 8192) -> None:
+        self.app = app
+        self.max_path_bytes = max_path_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] == "OPTIONS":
+            await _send_json(send, 200, {})
+            return
+        if (
+            len(scope.get("raw_path") or b"") + len(scope.get("query_string", b""))
+            > self.max_path_bytes
+        ):
+            await _send_json(send, 414, {"errcode": "M_TOO_LARGE", "error": "URI too long"})
+            return
+        started = False
+
+        async def send_with_cors(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message = dict(message, headers=[*message.get("headers", []), *CORS_HEADERS])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_cors)
+        except Exception as exc:
+            if _database_down(exc):
+                logger.warning("database unavailable: %s", type(exc).__name__)
+                status, body = 503, {"errcode": "M_UNKNOWN", "error": "Database unavailable"}
+            else:
+                logger.exception("unhandled error on %s %s", scope["method"], scope["path"])
+                status, body = 500, {"errcode": "M_UNKNOWN", "error": "Internal server error"}
+            if not started:
+                await _send_json(send, status, body)
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+    payload = json.dumps(body).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+        *CORS_HEADERS,
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})

@@ -1,0 +1,104 @@
+"""Passing requests through to the homeserver, and adding MSC4140 to its discovery answers."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from app.api import requests as rq
+from app.api.deps import Container, container
+from app.errors import HomeserverUnavailable, MatrixError
+from app.homeserver import response_headers
+
+logger = logging.getLogger(__name__)
+router = APIRouter()
+
+
+def _target(request: Request) -> str:
+    query = request.scope.get("query_string", b"").decode("latin-1")
+    path: str = request.scope["path"]
+    return path + ("?" + query if query else "")
+
+
+async def pass_through(
+    request: Request, c: Container, *, state: tuple[str, str, str | None] | None = None
+) -> Response:
+    """Forward the request unchanged and answer with the homeserver's answer. A state event that
+    the homeserver accepted cancels other users' delayed state for the same key."""
+    body = await rq.read_body(request, c.settings.max_body_bytes)
+    response = await c.homeserver.forward(
+        request.method, _target(request), list(request.headers.items()), body
+    )
+    if state is not None and state[2] is not None and request.method == "PUT":
+        if response.status_code == 200:
+            await _note_state(request, c, state)
+    return Response(response.content, response.status_code, response_headers(response))
+
+
+async def _note_state(request: Request, c: Container, state: tuple[str, str, str | None]) -> None:
+    room, kind, key = state
+    try:
+        requester = await c.auth.required(request)
+        await c.service.note_state_set(
+            room_id=rq.room_id(room),
+            event_type=rq.event_type(kind),
+            state_key=rq.path_segment(key or "", "state key"),
+            sender=requester.user_id,
+        )
+    except MatrixError:
+        logger.info("could not apply the newer-state rule to a passed-through state event")
+
+
+async def _merged(request: Request, add: Any) -> Response:
+    c = container(request)
+    response = await c.homeserver.forward(
+        "GET", _target(request), list(request.headers.items()), b""
+    )
+    if response.status_code != 200:
+        return Response(response.content, response.status_code, response_headers(response))
+    try:
+        body = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        body = None
+    if not isinstance(body, dict):
+        raise HomeserverUnavailable("the homeserver gave an invalid answer")
+    add(c, body)
+    headers = {k: v for k, v in response_headers(response).items() if k.lower() != "content-type"}
+    return JSONResponse(body, headers=headers)
+
+
+def _add_feature(c: Container, body: dict[str, Any]) -> None:
+    features = body.get("unstable_features")
+    if not isinstance(features, dict):
+        features = {}
+    features["org.matrix.msc4140"] = True
+    body["unstable_features"] = features
+
+
+def _add_capability(c: Container, body: dict[str, Any]) -> None:
+    capabilities = body.get("capabilities")
+    if not isinstance(capabilities, dict):
+        capabilities = {}
+    limits = {
+        "max_delay_ms": c.settings.max_delay_ms,
+        "max_scheduled": c.settings.max_scheduled_per_user,
+    }
+    capabilities["m.delayed_events"] = dict(limits)
+    capabilities["org.matrix.msc4140.delayed_events"] = dict(limits)
+    body["capabilities"] = capabilities
+
+
+@router.get("/_matrix/client/versions", summary="The homeserver's versions, with MSC4140")
+async def versions(request: Request) -> Response:
+    return await _merged(request, _add_feature)
+
+
+@router.get("/_matrix/client/v3/capabilities", summary="Capabilities, with delayed events")
+@router.get("/_matrix/client/r0/capabilities", include_in_schema=False)
+async def capabilities(request: Request) -> Response:
+    return await _merged(request, _add_capability)

@@ -1,0 +1,128 @@
+"""Reading requests strictly: bodies with a size limit, JSON objects, raw query parameters and
+path segments decoded exactly once. Every refusal is a Matrix error."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+from urllib.parse import unquote
+
+from starlette.requests import Request
+
+from app.errors import BadJson, InvalidParam, NotJson, TooLarge
+
+DELAY_PARAM = "org.matrix.msc4140.delay"
+PARENT_PARAM = "org.matrix.msc4140.parent_delay_id"
+# Never replayed: the delay itself, the ignored parent, and credentials.
+_CONSUMED = {DELAY_PARAM, PARENT_PARAM, "access_token"}
+_MAX_ID = 255
+_VERSION_PREFIX = re.compile(r"^/_matrix/client/(?:r0|v3|v1|unstable(?:/org\.matrix\.msc4140)?)/")
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refusing more than `max_bytes` before reading it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise TooLarge(f"Request body is larger than {max_bytes} bytes")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise TooLarge(f"Request body is larger than {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json_object(body: bytes, *, empty_ok: bool = False) -> dict[str, Any]:
+    """A JSON object, or M_NOT_JSON (not JSON at all) / M_BAD_JSON (JSON, but not an object)."""
+    if not body.strip():
+        if empty_ok:
+            return {}
+        raise NotJson("Content not JSON.")
+    try:
+        value = json.loads(body, parse_constant=_no_constants)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise NotJson("Content not JSON.") from None
+    if not isinstance(value, dict):
+        raise BadJson("Content must be a JSON object.")
+    return value
+
+
+def compact_json(value: dict[str, Any]) -> str:
+    """The form content is stored and replayed in: compact, ASCII-only JSON."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=True)
+
+
+def query_pairs(request: Request) -> list[tuple[str, str, str]]:
+    """(decoded key, decoded value, raw pair) for each query parameter, in order."""
+    raw = request.scope.get("query_string", b"").decode("latin-1")
+    pairs = []
+    for part in raw.split("&"):
+        if not part:
+            continue
+        key, _, value = part.partition("=")
+        pairs.append((_decode(key, "query parameter name"), _decode(value, "query value"), part))
+    return pairs
+
+
+def _decode(raw: str, what: str) -> str:
+    text = raw.replace("+", " ")
+    if re.search(r"%(?![0-9A-Fa-f]{2})", text):
+        raise InvalidParam(f"Invalid percent-encoding in {what}")
+    try:
+        return unquote(text, errors="strict")
+    except UnicodeDecodeError:
+        raise InvalidParam(f"Invalid percent-encoding in {what}") from None
+
+
+def single(pairs: list[tuple[str, str, str]], name: str) -> str | None:
+    """The value of a parameter that may appear at most once."""
+    values = [value for key, value, _ in pairs if key == name]
+    if len(values) > 1:
+        raise InvalidParam(f"{name} is given more than once")
+    return values[0] if values else None
+
+
+def replayed_query(pairs: list[tuple[str, str, str]]) -> str:
+    """The raw query parameters to send on with the event (e.g. a sticky duration)."""
+    return "&".join(raw for key, _, raw in pairs if key not in _CONSUMED)
+
+
+def parse_delay(value: str) -> int:
+    """A delay in milliseconds: a non-negative integer, however large."""
+    if not value.isascii() or not value.isdigit():
+        raise InvalidParam(f"{DELAY_PARAM} must be a non-negative integer")
+    return int(value)
+
+
+def path_segment(raw: str, what: str) -> str:
+    """A path segment from the raw path, decoded exactly once."""
+    value = _decode(raw.replace("+", "%2B"), what)
+    if len(value.encode()) > _MAX_ID:
+        raise InvalidParam(f"{what} is too long")
+    return value
+
+
+def room_id(raw: str) -> str:
+    value = path_segment(raw, "room id")
+    if not value.startswith("!") or len(value) < 2:
+        raise InvalidParam("Invalid room id")
+    return value
+
+
+def event_type(raw: str) -> str:
+    value = path_segment(raw, "event type")
+    if not value:
+        raise InvalidParam("Invalid event type")
+    return value
+
+
+def txn_key(path: str) -> str:
+    """What identifies a transaction across prefixes: the path after the version prefix."""
+    return _VERSION_PREFIX.sub("", path, count=1)

@@ -1,0 +1,139 @@
+"""Scheduling: the query-parameter form on /send and /state (generation A) and the dedicated
+delayed_event endpoint (generation B). A /send or /state request that reaches the sidecar without
+the delay parameter is passed through to the homeserver unchanged."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import Response
+
+from app.api import requests as rq
+from app.api.deps import container
+from app.api.proxy import pass_through
+from app.errors import InvalidParam, MissingParam
+from app.service import ScheduleRequest
+
+router = APIRouter()
+
+_A = "/_matrix/client/{version}/rooms/{room}"
+_B_PREFIXES = ("/_matrix/client/v3", "/_matrix/client/unstable/org.matrix.msc4140")
+_A_VERSIONS = {"r0", "v3", "unstable"}
+
+
+async def _schedule_a(
+    request: Request, *, version: str, room: str, kind: str, state_key: str | None, txn: str | None
+) -> Response | dict[str, Any]:
+    c = container(request)
+    if version not in _A_VERSIONS:
+        raise InvalidParam(f"Unsupported API version '{version}'")
+    pairs = rq.query_pairs(request)
+    delay = rq.single(pairs, rq.DELAY_PARAM)
+    if delay is None:
+        if rq.single(pairs, rq.PARENT_PARAM) is not None:
+            # Fail closed: an event meant to wait must never be sent at once.
+            raise MissingParam(f"{rq.PARENT_PARAM} needs {rq.DELAY_PARAM}")
+        return await pass_through(request, c, state=(room, kind, state_key))
+    delay_ms = rq.parse_delay(delay)
+    c.service.check_delay(delay_ms, "A")
+    requester = await c.auth.required(request)
+    content = rq.parse_json_object(await rq.read_body(request, c.settings.max_body_bytes))
+    schedule = ScheduleRequest(
+        generation="A",
+        room_id=rq.room_id(room),
+        event_type=rq.event_type(kind),
+        state_key=rq.path_segment(state_key, "state key") if state_key is not None else None,
+        content=rq.compact_json(content),
+        delay_ms=delay_ms,
+        query=rq.replayed_query(pairs),
+        txn_key=rq.txn_key(request.scope["path"]) if txn is not None else None,
+    )
+    if txn is not None:
+        rq.path_segment(txn, "transaction id")
+    return {"delay_id": await c.service.schedule(requester, schedule)}
+
+
+@router.put(_A + "/send/{event_type}/{txn_id}", summary="Schedule a delayed message")
+async def send_message(
+    request: Request, version: str, room: str, event_type: str, txn_id: str
+) -> Any:
+    return await _schedule_a(
+        request, version=version, room=room, kind=event_type, state_key=None, txn=txn_id
+    )
+
+
+@router.post(_A + "/send/{event_type}", summary="Schedule a delayed message (no txn id)")
+async def send_message_no_txn(request: Request, version: str, room: str, event_type: str) -> Any:
+    return await _schedule_a(
+        request, version=version, room=room, kind=event_type, state_key=None, txn=None
+    )
+
+
+@router.put(_A + "/state/{event_type}/{state_key}", summary="Schedule a delayed state event")
+async def put_state(
+    request: Request, version: str, room: str, event_type: str, state_key: str
+) -> Any:
+    return await _schedule_a(
+        request, version=version, room=room, kind=event_type, state_key=state_key, txn=None
+    )
+
+
+@router.put(_A + "/state/{event_type}/", summary="Schedule a delayed state event (empty key)")
+@router.put(_A + "/state/{event_type}", summary="Schedule a delayed state event (empty key)")
+async def put_state_empty_key(request: Request, version: str, room: str, event_type: str) -> Any:
+    return await _schedule_a(
+        request, version=version, room=room, kind=event_type, state_key="", txn=None
+    )
+
+
+async def _schedule_b(request: Request, room: str, kind: str, txn: str) -> dict[str, Any]:
+    c = container(request)
+    requester = await c.auth.required(request)
+    body = rq.parse_json_object(await rq.read_body(request, c.settings.max_body_bytes))
+    delay = body.get("delay_ms", body.get("delay"))
+    if delay is None:
+        raise MissingParam("delay_ms is required")
+    if isinstance(delay, bool) or not isinstance(delay, int) or delay < 0:
+        raise InvalidParam("delay_ms must be a non-negative integer")
+    content = body.get("content")
+    if content is None:
+        raise MissingParam("content is required")
+    if not isinstance(content, dict):
+        raise InvalidParam("content must be a JSON object")
+    state_key = body.get("state_key")
+    if state_key is not None and not isinstance(state_key, str):
+        raise InvalidParam("state_key must be a string")
+    if state_key is not None and len(state_key.encode()) > 255:
+        raise InvalidParam("state key is too long")
+    rq.path_segment(txn, "transaction id")
+    schedule = ScheduleRequest(
+        generation="B",
+        room_id=rq.room_id(room),
+        event_type=rq.event_type(kind),
+        state_key=state_key,
+        content=rq.compact_json(content),
+        delay_ms=delay,
+        query="",
+        txn_key=rq.txn_key(request.scope["path"]),
+    )
+    return {"delay_id": await c.service.schedule(requester, schedule)}
+
+
+def _add_b_routes() -> None:
+    for prefix in _B_PREFIXES:
+
+        async def schedule_b(request: Request, room: str, event_type: str, txn_id: str) -> Any:
+            return await _schedule_b(request, room, event_type, txn_id)
+
+        router.add_api_route(
+            prefix + "/rooms/{room}/delayed_event/{event_type}/{txn_id}",
+            schedule_b,
+            methods=["PUT"],
+            summary="Schedule a delayed event (body: delay_ms, state_key?, content)",
+            operation_id=f"schedule_delayed_event_{prefix.rsplit('/', 1)[-1].replace('.', '_')}",
+        )
+
+
+_add_b_routes()

@@ -1,0 +1,215 @@
+"""The homeserver, seen through its client-server API: who a token belongs to, replaying events as
+their user, and passing requests through. Tokens travel only in Authorization headers and are
+never logged."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from app import metrics
+from app.errors import HomeserverError, HomeserverUnavailable
+
+logger = logging.getLogger(__name__)
+
+# Hop-by-hop and length headers are the proxy's own business, not the client's.
+_DROP_HEADERS = {
+    "host",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "content-length",
+    "content-encoding",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Whoami:
+    user_id: str
+    device_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    event_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Transient:
+    """Worth trying again: the homeserver was unreachable, failing, or asked us to slow down."""
+
+    error: dict[str, Any]
+    retry_after_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A permanent answer: the homeserver will not take this event."""
+
+    status: int
+    error: dict[str, Any]
+
+
+ReplayResult = Sent | Transient | Refused
+
+
+def encode_segment(value: str) -> str:
+    """Percent-encode one path segment; everything but unreserved characters is escaped."""
+    return quote(value, safe="")
+
+
+def _json_object(response: httpx.Response) -> dict[str, Any] | None:
+    try:
+        body = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _error_body(response: httpx.Response) -> dict[str, Any]:
+    body = _json_object(response)
+    if body is not None and isinstance(body.get("errcode"), str):
+        return body
+    return {"errcode": "M_UNKNOWN", "error": f"homeserver answered HTTP {response.status_code}"}
+
+
+def _count_error(errcode: str) -> None:
+    metrics.HOMESERVER_ERRORS.labels(errcode=errcode[:64]).inc()
+
+
+class Homeserver:
+    def __init__(self, base_url: str, client: httpx.AsyncClient) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.client = client
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        token: str | None,
+        json_body: Any = None,
+        content: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> httpx.Response:
+        all_headers = dict(headers or {})
+        if token is not None:
+            all_headers["Authorization"] = f"Bearer {token}"
+        if json_body is not None:
+            content = json.dumps(json_body, separators=(",", ":")).encode()
+            all_headers["Content-Type"] = "application/json"
+        return await self.client.request(
+            method, self.base_url + path, content=content, headers=all_headers
+        )
+
+    async def whoami(self, token: str) -> Whoami:
+        """Who owns `token`. The homeserver's 401 answers reach the client unchanged."""
+        try:
+            response = await self._request("GET", "/_matrix/client/v3/account/whoami", token=token)
+        except httpx.HTTPError as exc:
+            _count_error("unreachable")
+            raise HomeserverUnavailable("the homeserver could not be reached") from exc
+        body = _json_object(response)
+        if response.status_code == 200:
+            if body is None or not isinstance(body.get("user_id"), str):
+                _count_error("bad_response")
+                raise HomeserverUnavailable("the homeserver gave an invalid whoami answer")
+            device_id = body.get("device_id")
+            return Whoami(body["user_id"], device_id if isinstance(device_id, str) else None)
+        error = _error_body(response)
+        _count_error(error["errcode"])
+        if response.status_code in (401, 403, 429):
+            raise HomeserverError(response.status_code, error)
+        raise HomeserverUnavailable("the homeserver could not check the access token")
+
+    async def replay(
+        self,
+        *,
+        token: str,
+        room_id: str,
+        event_type: str,
+        state_key: str | None,
+        content: str,
+        query: str,
+        txn_id: str,
+    ) -> ReplayResult:
+        """Send one event as the token's owner. Messages carry `txn_id`, so a repeat lands once."""
+        room = encode_segment(room_id)
+        kind = encode_segment(event_type)
+        if state_key is None:
+            path = f"/_matrix/client/v3/rooms/{room}/send/{kind}/{encode_segment(txn_id)}"
+        else:
+            path = f"/_matrix/client/v3/rooms/{room}/state/{kind}/{encode_segment(state_key)}"
+        if query:
+            path += "?" + query
+        try:
+            response = await self._request(
+                "PUT",
+                path,
+                token=token,
+                content=content.encode(),
+                headers={"Content-Type": "application/json"},
+            )
+        except httpx.HTTPError as exc:
+            _count_error("unreachable")
+            reason = type(exc).__name__
+            return Transient(
+                {"errcode": "M_UNKNOWN", "error": f"homeserver unreachable ({reason})"}
+            )
+        if response.status_code == 200:
+            body = _json_object(response)
+            if body is not None and isinstance(body.get("event_id"), str):
+                return Sent(body["event_id"])
+            _count_error("bad_response")
+            return Transient({"errcode": "M_UNKNOWN", "error": "homeserver gave no event_id"})
+        error = _error_body(response)
+        _count_error(error["errcode"])
+        if response.status_code == 429:
+            retry_after = error.get("retry_after_ms")
+            return Transient(error, retry_after if isinstance(retry_after, int) else None)
+        if response.status_code >= 500 or response.status_code == 408:
+            return Transient(error)
+        return Refused(response.status_code, error)
+
+    async def state_event(
+        self, *, token: str, room_id: str, event_type: str, state_key: str
+    ) -> dict[str, Any] | None:
+        """The current state event for a key, as a whole event; None if unset or unreadable."""
+        path = (
+            f"/_matrix/client/v3/rooms/{encode_segment(room_id)}/state/"
+            f"{encode_segment(event_type)}/{encode_segment(state_key)}?format=event"
+        )
+        try:
+            response = await self._request("GET", path, token=token)
+        except httpx.HTTPError:
+            return None
+        if response.status_code != 200:
+            return None
+        return _json_object(response)
+
+    async def forward(
+        self, method: str, target: str, headers: list[tuple[str, str]], body: bytes
+    ) -> httpx.Response:
+        """Pass a client's request through unchanged (`target` is the raw path and query)."""
+        kept = [(k, v) for k, v in headers if k.lower() not in _DROP_HEADERS]
+        try:
+            return await self.client.request(
+                method, self.base_url + target, headers=kept, content=body
+            )
+        except httpx.HTTPError as exc:
+            _count_error("unreachable")
+            raise HomeserverUnavailable("the homeserver could not be reached") from exc
+
+
+def response_headers(response: httpx.Response) -> dict[str, str]:
+    """The headers of a homeserver answer worth handing on to the client."""
+    return {k: v for k, v in response.headers.items() if k.lower() not in _DROP_HEADERS}

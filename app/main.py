@@ -1,0 +1,135 @@
+"""The application: its lifespan owns the database engine, the homeserver client and the
+scheduler."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from sqlalchemy.ext.asyncio import create_async_engine
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from app.api import health, manage, proxy, schedule
+from app.api.deps import Container
+from app.api.middleware import MatrixEdgeMiddleware, RawPathMiddleware
+from app.auth import Authenticator
+from app.clock import Clock, SystemClock
+from app.crypto import TokenCipher
+from app.errors import MatrixError
+from app.homeserver import Homeserver
+from app.replayer import Replayer
+from app.scheduler import WakeUpScheduler
+from app.service import DelayedEventService
+from app.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def build_container(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> Container:
+    """Wire the parts together; nothing is started yet."""
+    clock = clock or SystemClock()
+    engine = create_async_engine(
+        settings.database_url,
+        pool_size=settings.database_pool_size,
+        max_overflow=settings.database_pool_size,
+        pool_pre_ping=True,
+        pool_timeout=5,
+        connect_args={"command_timeout": 10, "timeout": 5},
+    )
+    client = httpx.AsyncClient(
+        transport=transport,
+        timeout=settings.homeserver_timeout_seconds,
+        limits=httpx.Limits(max_connections=100, max_keepalive_connections=50),
+    )
+    homeserver = Homeserver(settings.homeserver_url, client)
+    cipher = TokenCipher(settings.token_keys)
+    replayer = Replayer(engine, homeserver, cipher, clock, settings)
+    scheduler_box: list[WakeUpScheduler] = []
+    service = DelayedEventService(
+        engine, replayer, cipher, clock, settings, wake_at=lambda ts: scheduler_box[0].wake(ts)
+    )
+    scheduler = WakeUpScheduler(
+        run_due=replayer.run_due,
+        next_due=replayer.next_due,
+        prune=service.prune,
+        clock=clock,
+        sweep_seconds=settings.sweep_interval_seconds,
+        prune_seconds=settings.prune_interval_seconds,
+    )
+    scheduler_box.append(scheduler)
+    return Container(
+        settings=settings,
+        engine=engine,
+        homeserver=homeserver,
+        auth=Authenticator(homeserver, settings.whoami_cache_seconds),
+        service=service,
+        scheduler=scheduler,
+    )
+
+
+def create_app(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+    start_scheduler: bool = True,
+) -> FastAPI:
+    """The ASGI application. Tests pass a fake clock and transport, and may leave the scheduler
+    stopped to drive replays themselves."""
+    container = build_container(settings, clock=clock, transport=transport)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if start_scheduler:
+            container.scheduler.start()
+        try:
+            yield
+        finally:
+            container.scheduler.shutdown()
+            await container.homeserver.client.aclose()
+            await container.engine.dispose()
+
+    app = FastAPI(
+        title="MSC4140 delayed-events sidecar",
+        version="0.1.0",
+        lifespan=lifespan,
+        redirect_slashes=False,
+    )
+    app.state.container = container
+    for module in (schedule, manage, proxy, health):
+        app.include_router(module.router)
+    app.add_exception_handler(MatrixError, _matrix_error)  # type: ignore[arg-type]
+    app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_middleware(MatrixEdgeMiddleware)
+    app.add_middleware(RawPathMiddleware)
+    return app
+
+
+async def _matrix_error(request: Request, exc: MatrixError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    if exc.status_code in (404, 405):
+        body = {"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"}
+    else:
+        body = {"errcode": "M_UNKNOWN", "error": str(exc.detail)}
+    return JSONResponse(body, status_code=exc.status_code)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse(
+        {"errcode": "M_INVALID_PARAM", "error": "Invalid request parameters"}, status_code=400
+    )

@@ -1,0 +1,284 @@
+"""Replaying delayed events to the homeserver, as the user who scheduled them.
+
+A replay is: claim (one statement, with a lease) -> send -> write the outcome under the same claim.
+A replica that dies between the steps leaves a lease that runs out, and the row falls due again.
+Messages are sent with a transaction id derived from the delay_id, so the homeserver takes a
+repeated replay as the same event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app import metrics
+from app import repository as repo
+from app.clock import Clock
+from app.crypto import TokenCipher
+from app.errors import HomeserverError
+from app.homeserver import Homeserver, Refused, ReplayResult, Sent, Transient
+from app.models import CANCELLED, FAILED, SENT
+from app.repository import DelayedEvent
+from app.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+CANCELLED_BY_STATE = "M_CANCELLED_BY_STATE_UPDATE"
+_BATCH = 200
+
+
+def txn_id_for(delay_id: str) -> str:
+    """The transaction id of a replayed message: the same for every attempt of one event."""
+    return f"msc4140.{delay_id}"
+
+
+def token_context(user_id: str, device_id: str | None) -> str:
+    return f"{user_id}\n{device_id or ''}"
+
+
+@dataclass(frozen=True, slots=True)
+class NewerState:
+    """Another user set the same state after this event was scheduled."""
+
+
+Attempt = ReplayResult | NewerState
+
+
+class Replayer:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        homeserver: Homeserver,
+        cipher: TokenCipher,
+        clock: Clock,
+        settings: Settings,
+    ) -> None:
+        self.engine = engine
+        self.homeserver = homeserver
+        self.cipher = cipher
+        self.clock = clock
+        self.settings = settings
+        self._lease_ms = int(settings.claim_lease_seconds * 1000)
+        self._run_lock = asyncio.Lock()
+
+    async def run_due(self) -> int:
+        """Replay every event that is due now, earliest send time first; how many were handled."""
+        async with self._run_lock:
+            handled = 0
+            while True:
+                now = self.clock.now_ms()
+                async with self.engine.begin() as conn:
+                    events = await repo.claim_due(conn, now, self._lease_ms, _BATCH)
+                    blobs = await repo.load_tokens(conn, {(e.user_id, e.device_id) for e in events})
+                if not events:
+                    return handled
+                await self._replay_batch(events, blobs)
+                handled += len(events)
+                if len(events) < _BATCH:
+                    return handled
+
+    async def next_due(self) -> int | None:
+        async with self.engine.connect() as conn:
+            return await repo.next_due(conn)
+
+    async def _replay_batch(
+        self, events: list[DelayedEvent], blobs: dict[tuple[str, str | None], bytes]
+    ) -> None:
+        # Rooms are replayed side by side; within a room, strictly in send-time order, so a later
+        # delayed state event never lands before an earlier one.
+        by_room: dict[str, list[DelayedEvent]] = {}
+        for event in events:
+            by_room.setdefault(event.room_id, []).append(event)
+        slots = asyncio.Semaphore(self.settings.replay_concurrency)
+
+        async def room_worker(room_events: Iterable[DelayedEvent]) -> None:
+            async with slots:
+                for event in room_events:
+                    token = self._token(event, blobs)
+                    try:
+                        await self._replay_on_timeout(event, token)
+                    except Exception:
+                        # The claim's lease runs out and the row falls due again.
+                        logger.exception("replay of %s failed unexpectedly", event.delay_id)
+
+        await asyncio.gather(*(room_worker(group) for group in by_room.values()))
+
+    def _token(self, event: DelayedEvent, blobs: dict[tuple[str, str | None], bytes]) -> str | None:
+        blob = blobs.get((event.user_id, event.device_id))
+        if blob is None:
+            return None
+        return self.cipher.decrypt(blob, context=token_context(event.user_id, event.device_id))
+
+    async def load_token(self, event: DelayedEvent) -> str | None:
+        async with self.engine.connect() as conn:
+            blobs = await repo.load_tokens(conn, {(event.user_id, event.device_id)})
+        return self._token(event, blobs)
+
+    async def attempt(self, event: DelayedEvent, token: str) -> Attempt:
+        """One try at sending `event` to the homeserver."""
+        if event.state_key is not None and self.settings.cancel_on_newer_state:
+            newer = await self._newer_state(event, token)
+            if newer is not None:
+                return newer
+        started = asyncio.get_running_loop().time()
+        result = await self.homeserver.replay(
+            token=token,
+            room_id=event.room_id,
+            event_type=event.event_type,
+            state_key=event.state_key,
+            content=event.content,
+            query=event.query,
+            txn_id=txn_id_for(event.delay_id),
+        )
+        metrics.REPLAY_SECONDS.observe(asyncio.get_running_loop().time() - started)
+        return result
+
+    async def _newer_state(self, event: DelayedEvent, token: str) -> NewerState | None:
+        assert event.state_key is not None
+        current = await self.homeserver.state_event(
+            token=token,
+            room_id=event.room_id,
+            event_type=event.event_type,
+            state_key=event.state_key,
+        )
+        if current is None:
+            return None
+        sender, ts = current.get("sender"), current.get("origin_server_ts")
+        if not isinstance(sender, str) or not isinstance(ts, int) or sender == event.user_id:
+            return None
+        if ts <= event.created_ts:
+            return None
+        return NewerState()
+
+    async def _replay_on_timeout(self, event: DelayedEvent, token: str | None) -> None:
+        if token is None:
+            await self._finalise_failed(
+                event,
+                {
+                    "errcode": "M_UNKNOWN_TOKEN",
+                    "error": "No usable access token is stored for the device that scheduled it",
+                },
+            )
+            return
+        outcome = await self.attempt(event, token)
+        await self.record(event, outcome, reason="delay")
+
+    async def record(self, event: DelayedEvent, outcome: Attempt, *, reason: str) -> None:
+        """Write the outcome of an attempt back under the event's claim."""
+        now = self.clock.now_ms()
+        gen = event.generation
+        if isinstance(outcome, Sent):
+            async with self.engine.begin() as conn:
+                done = await repo.finalise(
+                    conn, event, status=SENT, reason=reason, now=now, event_id=outcome.event_id
+                )
+            metrics.SENT.labels(gen, reason).inc()
+            if reason == "delay":
+                metrics.LATENESS_SECONDS.observe(max(0, now - event.send_ts) / 1000)
+            if not done:
+                logger.warning("sent %s, but its claim had lapsed", event.delay_id)
+        elif isinstance(outcome, NewerState):
+            error = {"errcode": CANCELLED_BY_STATE, "error": "Cancelled by newer state"}
+            async with self.engine.begin() as conn:
+                await repo.finalise(
+                    conn, event, status=CANCELLED, reason="error", now=now, error=json.dumps(error)
+                )
+            metrics.CANCELLED.labels(gen, "newer_state").inc()
+        elif isinstance(outcome, Refused):
+            logger.info(
+                "homeserver refused %s: %s %s",
+                event.delay_id,
+                outcome.status,
+                outcome.error.get("errcode"),
+            )
+            await self._finalise_failed(event, outcome.error)
+        else:
+            await self._retry_or_give_up(event, outcome, now)
+
+    async def _retry_or_give_up(self, event: DelayedEvent, outcome: Transient, now: int) -> None:
+        first = event.first_failure_ts if event.first_failure_ts is not None else now
+        window_end = first + int(self.settings.retry_window_seconds * 1000)
+        if now >= window_end:
+            logger.warning(
+                "giving up on %s after %d attempts: %s",
+                event.delay_id,
+                event.attempts + 1,
+                outcome.error.get("errcode"),
+            )
+            await self._finalise_failed(event, outcome.error)
+            return
+        due = min(now + self.backoff_ms(event.attempts, outcome.retry_after_ms), window_end)
+        async with self.engine.begin() as conn:
+            await repo.retry_later(conn, event, due_ts=due, first_failure_ts=first)
+        metrics.RETRIED.inc()
+        logger.info(
+            "homeserver unavailable for %s (%s), retrying in %d ms",
+            event.delay_id,
+            outcome.error.get("errcode"),
+            due - now,
+        )
+
+    def backoff_ms(self, attempts: int, retry_after_ms: int | None) -> int:
+        """How long to wait before the next try: the homeserver's word for a 429, else doubling."""
+        cap = int(self.settings.retry_max_backoff_seconds * 1000)
+        if retry_after_ms is not None and retry_after_ms >= 0:
+            return min(max(retry_after_ms, 50), cap)
+        base = min(cap, 500 * 2 ** min(attempts, 20))
+        return int(base * random.uniform(0.9, 1.1))
+
+    async def _finalise_failed(self, event: DelayedEvent, error: dict[str, Any]) -> None:
+        async with self.engine.begin() as conn:
+            await repo.finalise(
+                conn,
+                event,
+                status=FAILED,
+                reason="error",
+                now=self.clock.now_ms(),
+                error=json.dumps(error, separators=(",", ":")),
+            )
+        metrics.FAILED.labels(event.generation, str(error.get("errcode", "M_UNKNOWN"))[:64]).inc()
+
+    async def send_now(self, event: DelayedEvent) -> None:
+        """The send action on a claimed event: replay it now and tell the caller how it went.
+
+        A refusal is answered with the homeserver's error and the event stays scheduled on its own
+        timer; a transient failure is retried like any due event.
+        """
+        token = await self.load_token(event)
+        if token is None:
+            await self._release(event)
+            raise HomeserverError(
+                401,
+                {"errcode": "M_UNKNOWN_TOKEN", "error": "No usable access token is stored"},
+            )
+        outcome = await self.attempt(event, token)
+        if isinstance(outcome, Sent | NewerState):
+            await self.record(event, outcome, reason="action")
+            if isinstance(outcome, NewerState):
+                raise _cancelled_conflict()
+            return
+        if isinstance(outcome, Refused):
+            await self._release(event)
+            raise HomeserverError(outcome.status, outcome.error)
+        await self._retry_or_give_up(event, outcome, self.clock.now_ms())
+        raise HomeserverError(502, outcome.error)
+
+    async def _release(self, event: DelayedEvent) -> None:
+        async with self.engine.begin() as conn:
+            await repo.release(conn, event)
+
+
+def _cancelled_conflict() -> HomeserverError:
+    return HomeserverError(
+        409, {"errcode": "M_UNKNOWN", "error": "The delayed event was cancelled by newer state"}
+    )
+
+
+__all__ = ["CANCELLED_BY_STATE", "Replayer", "txn_id_for"]

@@ -1,0 +1,437 @@
+"""Every SQL statement of the sidecar. Functions take a connection inside the caller's transaction
+and never commit: the caller's unit of work does."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, delete, func, insert, literal_column, or_, select, text, tuple_, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from app.models import CANCELLED, FAILED, SCHEDULED, SENT, delayed_event, device_token
+
+T = delayed_event.c
+
+
+@dataclass(frozen=True, slots=True)
+class DelayedEvent:
+    delay_id: str
+    user_id: str
+    device_id: str | None
+    generation: str
+    room_id: str
+    event_type: str
+    state_key: str | None
+    content: str
+    query: str
+    delay_ms: int
+    created_ts: int
+    send_ts: int
+    due_ts: int | None
+    claim_id: str | None
+    attempts: int
+    first_failure_ts: int | None
+    status: str
+    reason: str | None
+    event_id: str | None
+    error: str | None
+    finalised_ts: int | None
+
+    @property
+    def running_since(self) -> int:
+        return self.send_ts - self.delay_ms
+
+
+_COLUMNS = [getattr(T, name) for name in DelayedEvent.__slots__]
+
+
+def _event(row: Any) -> DelayedEvent:
+    return DelayedEvent(*row)
+
+
+def new_claim_id() -> str:
+    return secrets.token_hex(8)
+
+
+def _not_in_flight(now: int) -> Any:
+    """A scheduled row that no live claim is replaying right now (a lapsed lease counts as free)."""
+    return or_(T.claim_id.is_(None), T.due_ts <= now)
+
+
+async def lock_user(conn: AsyncConnection, user_id: str) -> None:
+    """Serialise scheduling per user for the rest of the transaction, so the cap can't be raced."""
+    await conn.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(user_id, 4140))))
+
+
+async def find_by_txn(
+    conn: AsyncConnection, user_id: str, device_id: str | None, txn_key: str
+) -> str | None:
+    """The delay_id an earlier request of the same transaction created, if any."""
+    result = await conn.execute(
+        select(T.delay_id).where(
+            T.user_id == user_id,
+            func.coalesce(T.device_id, literal_column("''")) == (device_id or ""),
+            T.txn_key == txn_key,
+        )
+    )
+    return result.scalar_one_or_none()
+
+
+async def count_scheduled(conn: AsyncConnection, user_id: str) -> tuple[int, int | None]:
+    """How many events the user has scheduled (in flight included), and the earliest send time."""
+    result = await conn.execute(
+        select(func.count(), func.min(T.send_ts)).where(T.user_id == user_id, T.status == SCHEDULED)
+    )
+    count, earliest = result.one()
+    return int(count), earliest
+
+
+async def insert_event(conn: AsyncConnection, **values: Any) -> None:
+    """Store a newly scheduled event."""
+    await conn.execute(
+        insert(delayed_event).values(
+            status=SCHEDULED, due_ts=values["send_ts"], attempts=0, **values
+        )
+    )
+
+
+async def get(conn: AsyncConnection, delay_id: str) -> DelayedEvent | None:
+    """One event, whatever its status."""
+    result = await conn.execute(select(*_COLUMNS).where(T.delay_id == delay_id))
+    row = result.one_or_none()
+    return _event(row) if row is not None else None
+
+
+def _owned(delay_id: str, user_id: str | None) -> Any:
+    condition = T.delay_id == delay_id
+    return and_(condition, T.user_id == user_id) if user_id is not None else condition
+
+
+async def restart(
+    conn: AsyncConnection, delay_id: str, user_id: str | None, now: int
+) -> int | None:
+    """Start the delay again from `now`; the new send time, or None if the event can't restart."""
+    result = await conn.execute(
+        update(delayed_event)
+        .where(_owned(delay_id, user_id), T.status == SCHEDULED, _not_in_flight(now))
+        .values(
+            send_ts=now + T.delay_ms,
+            due_ts=now + T.delay_ms,
+            claim_id=None,
+            attempts=0,
+            first_failure_ts=None,
+        )
+        .returning(T.send_ts)
+    )
+    send_ts: int | None = result.scalar_one_or_none()
+    return send_ts
+
+
+async def cancel(conn: AsyncConnection, delay_id: str, user_id: str | None, now: int) -> bool:
+    """Finalise a scheduled event as cancelled by the owner; False if it can't be cancelled."""
+    result = await conn.execute(
+        update(delayed_event)
+        .where(_owned(delay_id, user_id), T.status == SCHEDULED, _not_in_flight(now))
+        .values(status=CANCELLED, reason="action", finalised_ts=now, due_ts=None, claim_id=None)
+        .returning(T.user_id, T.device_id)
+    )
+    row = result.one_or_none()
+    if row is None:
+        return False
+    await forget_unused_token(conn, row.user_id, row.device_id)
+    return True
+
+
+async def claim_one(
+    conn: AsyncConnection, delay_id: str, user_id: str | None, now: int, lease_ms: int
+) -> DelayedEvent | None:
+    """Claim one scheduled event for an immediate replay (the send action)."""
+    result = await conn.execute(
+        update(delayed_event)
+        .where(_owned(delay_id, user_id), T.status == SCHEDULED, _not_in_flight(now))
+        .values(claim_id=new_claim_id(), due_ts=now + lease_ms)
+        .returning(*_COLUMNS)
+    )
+    row = result.one_or_none()
+    return _event(row) if row is not None else None
+
+
+async def claim_due(
+    conn: AsyncConnection, now: int, lease_ms: int, limit: int
+) -> list[DelayedEvent]:
+    """Claim up to `limit` due events, earliest send time first.
+
+    Rows locked by another replica's claim are skipped, not waited for; a claim's lease moves
+    `due_ts` forward, so a replica that dies mid-replay leaves rows that fall due again.
+    """
+    due = (
+        select(T.delay_id)
+        .where(T.status == SCHEDULED, T.due_ts <= now)
+        .order_by(T.send_ts, T.delay_id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .cte("due")
+    )
+    claim_id = new_claim_id()
+    result = await conn.execute(
+        update(delayed_event)
+        .where(T.delay_id == due.c.delay_id)
+        .values(claim_id=claim_id, due_ts=now + lease_ms)
+        .returning(*_COLUMNS)
+    )
+    events = [_event(row) for row in result]
+    events.sort(key=lambda e: (e.send_ts, e.delay_id))
+    return events
+
+
+async def finalise(
+    conn: AsyncConnection,
+    event: DelayedEvent,
+    *,
+    status: str,
+    reason: str,
+    now: int,
+    event_id: str | None = None,
+    error: str | None = None,
+) -> bool:
+    """Write a replay's outcome, if the claim that replayed it still holds the row."""
+    result = await conn.execute(
+        update(delayed_event)
+        .where(T.delay_id == event.delay_id, T.claim_id == event.claim_id, T.status == SCHEDULED)
+        .values(
+            status=status,
+            reason=reason,
+            event_id=event_id,
+            error=error,
+            finalised_ts=now,
+            due_ts=None,
+            claim_id=None,
+        )
+    )
+    if result.rowcount != 1:
+        return False
+    await forget_unused_token(conn, event.user_id, event.device_id)
+    return True
+
+
+async def retry_later(
+    conn: AsyncConnection, event: DelayedEvent, *, due_ts: int, first_failure_ts: int
+) -> bool:
+    """Release a claim after a transient failure, to be tried again at `due_ts`."""
+    result = await conn.execute(
+        update(delayed_event)
+        .where(T.delay_id == event.delay_id, T.claim_id == event.claim_id, T.status == SCHEDULED)
+        .values(
+            claim_id=None,
+            due_ts=due_ts,
+            attempts=T.attempts + 1,
+            first_failure_ts=first_failure_ts,
+        )
+    )
+    return result.rowcount == 1
+
+
+async def release(conn: AsyncConnection, event: DelayedEvent) -> None:
+    """Give a claimed event back to its own timer (a refused send action keeps it scheduled)."""
+    await conn.execute(
+        update(delayed_event)
+        .where(T.delay_id == event.delay_id, T.claim_id == event.claim_id, T.status == SCHEDULED)
+        .values(claim_id=None, due_ts=T.send_ts)
+    )
+
+
+async def next_due(conn: AsyncConnection) -> int | None:
+    """The earliest time any scheduled event wants attention."""
+    result = await conn.execute(select(func.min(T.due_ts)).where(T.status == SCHEDULED))
+    due: int | None = result.scalar_one_or_none()
+    return due
+
+
+async def list_scheduled(
+    conn: AsyncConnection,
+    user_id: str,
+    *,
+    delay_ids: list[str],
+    after: tuple[int, str] | None,
+    limit: int,
+) -> list[DelayedEvent]:
+    """A user's scheduled events by send time, after the keyset position `after`."""
+    query = select(*_COLUMNS).where(T.user_id == user_id, T.status == SCHEDULED)
+    if delay_ids:
+        query = query.where(T.delay_id.in_(delay_ids))
+    if after is not None:
+        query = query.where(
+            or_(T.send_ts > after[0], and_(T.send_ts == after[0], T.delay_id > after[1]))
+        )
+    result = await conn.execute(query.order_by(T.send_ts, T.delay_id).limit(limit))
+    return [_event(row) for row in result]
+
+
+async def list_finalised(
+    conn: AsyncConnection,
+    user_id: str,
+    *,
+    delay_ids: list[str],
+    after: tuple[int, str] | None,
+    limit: int,
+) -> list[DelayedEvent]:
+    """A user's finalised events, newest first, after the keyset position `after`."""
+    query = select(*_COLUMNS).where(T.user_id == user_id, T.status != SCHEDULED)
+    if delay_ids:
+        query = query.where(T.delay_id.in_(delay_ids))
+    if after is not None:
+        query = query.where(
+            or_(
+                T.finalised_ts < after[0],
+                and_(T.finalised_ts == after[0], T.delay_id > after[1]),
+            )
+        )
+    result = await conn.execute(query.order_by(T.finalised_ts.desc(), T.delay_id).limit(limit))
+    return [_event(row) for row in result]
+
+
+async def cancel_by_newer_state(
+    conn: AsyncConnection,
+    *,
+    room_id: str,
+    event_type: str,
+    state_key: str,
+    sender: str,
+    now: int,
+    error: str,
+) -> list[str]:
+    """Cancel other users' pending delayed state events for a (room, type, state_key) that was
+    just set by `sender`; the sender's own are left alone."""
+    result = await conn.execute(
+        update(delayed_event)
+        .where(
+            T.status == SCHEDULED,
+            T.room_id == room_id,
+            T.event_type == event_type,
+            T.state_key == state_key,
+            T.user_id != sender,
+            _not_in_flight(now),
+        )
+        .values(
+            status=CANCELLED,
+            reason="error",
+            error=error,
+            finalised_ts=now,
+            due_ts=None,
+            claim_id=None,
+        )
+        .returning(T.delay_id)
+    )
+    return list(result.scalars())
+
+
+async def count_all_scheduled(conn: AsyncConnection) -> int:
+    result = await conn.execute(select(func.count()).where(T.status == SCHEDULED))
+    return int(result.scalar_one())
+
+
+async def prune_finalised(conn: AsyncConnection, *, older_than: int, keep_per_user: int) -> int:
+    """Delete finalised history past its age, and past the newest `keep_per_user` of each user."""
+    aged = await conn.execute(
+        delete(delayed_event).where(T.status != SCHEDULED, T.finalised_ts < older_than)
+    )
+    ranked = (
+        select(
+            T.delay_id,
+            func.row_number()
+            .over(partition_by=T.user_id, order_by=(T.finalised_ts.desc(), T.delay_id))
+            .label("rank"),
+        )
+        .where(T.status != SCHEDULED)
+        .subquery()
+    )
+    surplus = await conn.execute(
+        delete(delayed_event).where(
+            T.delay_id.in_(select(ranked.c.delay_id).where(ranked.c.rank > keep_per_user))
+        )
+    )
+    return int(aged.rowcount) + int(surplus.rowcount)
+
+
+# Device tokens ---------------------------------------------------------------------------------
+
+D = device_token.c
+
+
+async def store_token(
+    conn: AsyncConnection,
+    user_id: str,
+    device_id: str | None,
+    *,
+    token: bytes,
+    digest: bytes,
+    now: int,
+) -> None:
+    """Keep this device's newest token; writes nothing if the stored one is the same."""
+    statement = pg_insert(device_token).values(
+        user_id=user_id, device_id=device_id or "", token=token, digest=digest, updated_ts=now
+    )
+    await conn.execute(
+        statement.on_conflict_do_update(
+            index_elements=[D.user_id, D.device_id],
+            set_={"token": token, "digest": digest, "updated_ts": now},
+            where=D.digest != statement.excluded.digest,
+        )
+    )
+
+
+async def refresh_token(
+    conn: AsyncConnection,
+    user_id: str,
+    device_id: str | None,
+    *,
+    token: bytes,
+    digest: bytes,
+    now: int,
+) -> None:
+    """Replace a stored token with a newer one; devices with nothing stored are left out."""
+    await conn.execute(
+        update(device_token)
+        .where(D.user_id == user_id, D.device_id == (device_id or ""), D.digest != digest)
+        .values(token=token, digest=digest, updated_ts=now)
+    )
+
+
+async def load_tokens(
+    conn: AsyncConnection, devices: set[tuple[str, str | None]]
+) -> dict[tuple[str, str | None], bytes]:
+    """The stored (encrypted) tokens of these (user, device) pairs."""
+    if not devices:
+        return {}
+    keys = {(user, device or ""): (user, device) for user, device in devices}
+    result = await conn.execute(
+        select(D.user_id, D.device_id, D.token).where(
+            tuple_(D.user_id, D.device_id).in_(list(keys))
+        )
+    )
+    return {keys[(row.user_id, row.device_id)]: bytes(row.token) for row in result}
+
+
+async def forget_unused_token(conn: AsyncConnection, user_id: str, device_id: str | None) -> None:
+    """Delete a device's token once none of its events is scheduled any more."""
+    still_needed = (
+        select(text("1"))
+        .select_from(delayed_event)
+        .where(
+            T.user_id == user_id,
+            func.coalesce(T.device_id, literal_column("''")) == (device_id or ""),
+            T.status == SCHEDULED,
+        )
+        .exists()
+    )
+    await conn.execute(
+        delete(device_token).where(
+            D.user_id == user_id, D.device_id == (device_id or ""), ~still_needed
+        )
+    )
+
+
+__all__ = ["CANCELLED", "FAILED", "SCHEDULED", "SENT", "DelayedEvent"]

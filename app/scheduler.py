@@ -1,0 +1,106 @@
+"""APScheduler as the alarm clock: one wake-up job at the earliest due time, a periodic sweep and
+the pruning of finalised history. The table is the store; no job exists per event."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.date import DateTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from app.clock import Clock
+
+logger = logging.getLogger(__name__)
+
+WAKE_JOB = "wake"
+
+
+class WakeUpScheduler:
+    """Runs `run_due` when the earliest event is due, then asks `next_due` when to wake again."""
+
+    def __init__(
+        self,
+        *,
+        run_due: Callable[[], Awaitable[int]],
+        next_due: Callable[[], Awaitable[int | None]],
+        prune: Callable[[], Awaitable[int]],
+        clock: Clock,
+        sweep_seconds: float,
+        prune_seconds: float,
+    ) -> None:
+        self._run_due = run_due
+        self._next_due = next_due
+        self._prune = prune
+        self._clock = clock
+        self._sweep_seconds = sweep_seconds
+        self._prune_seconds = prune_seconds
+        self._scheduler = AsyncIOScheduler(timezone=UTC)
+        self.wake_at: int | None = None
+
+    @property
+    def running(self) -> bool:
+        return bool(self._scheduler.running)
+
+    def start(self) -> None:
+        """Start the clock; overdue events are replayed at once, in send-time order."""
+        self._scheduler.start()
+        self._scheduler.add_job(
+            self._wake,
+            IntervalTrigger(seconds=self._sweep_seconds),
+            id="sweep",
+            max_instances=1,
+            coalesce=True,
+        )
+        self._scheduler.add_job(
+            self._prune_job,
+            IntervalTrigger(seconds=self._prune_seconds),
+            id="prune",
+            max_instances=1,
+            coalesce=True,
+            next_run_time=datetime.now(UTC),
+        )
+        self.wake_at = None
+        self.wake(self._clock.now_ms())
+
+    def shutdown(self) -> None:
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
+
+    def wake(self, at_ms: int) -> None:
+        """Make sure the scheduler wakes by `at_ms`; a later time than the one set is a no-op."""
+        if self.wake_at is not None and self.wake_at <= at_ms:
+            return
+        self.wake_at = at_ms
+        if not self._scheduler.running:
+            return
+        self._scheduler.add_job(
+            self._wake,
+            DateTrigger(run_date=datetime.fromtimestamp(at_ms / 1000, UTC)),
+            id=WAKE_JOB,
+            replace_existing=True,
+            misfire_grace_time=None,
+        )
+
+    async def _wake(self) -> None:
+        self.wake_at = None
+        try:
+            await self._run_due()
+            next_due = await self._next_due()
+        except Exception:
+            # The database may be away; the sweep tries again.
+            logger.exception("replaying due events failed")
+            return
+        if next_due is not None:
+            self.wake(next_due)
+
+    async def _prune_job(self) -> None:
+        try:
+            removed = await self._prune()
+        except Exception:
+            logger.exception("pruning finalised events failed")
+            return
+        if removed:
+            logger.info("pruned %d finalised delayed events", removed)

@@ -1,0 +1,383 @@
+"""The rules of delayed events: schedule, restart, cancel, send, look up. One database transaction
+per operation; the homeserver is only called by the send action and the replayer."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app import metrics
+from app import repository as repo
+from app.auth import Requester
+from app.clock import Clock
+from app.crypto import TokenCipher
+from app.errors import Conflict, Forbidden, InvalidParam, LimitExceeded, MatrixError, NotFound
+from app.models import CANCELLED, FAILED, SCHEDULED, SENT
+from app.replayer import CANCELLED_BY_STATE, Replayer, token_context
+from app.repository import DelayedEvent
+from app.settings import Settings
+
+
+class Action(StrEnum):
+    SEND = "send"
+    CANCEL = "cancel"
+    RESTART = "restart"
+
+
+class Status(StrEnum):
+    SCHEDULED = "scheduled"
+    FINALISED = "finalised"
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleRequest:
+    generation: str  # "A" or "B"
+    room_id: str
+    event_type: str
+    state_key: str | None
+    content: str  # compact JSON object
+    delay_ms: int
+    query: str
+    txn_key: str | None
+
+
+def new_delay_id() -> str:
+    """An opaque, url-safe id with 144 random bits: holding it is what lets a tokenless call act."""
+    return secrets.token_urlsafe(18)
+
+
+class DelayedEventService:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        replayer: Replayer,
+        cipher: TokenCipher,
+        clock: Clock,
+        settings: Settings,
+        wake_at: Callable[[int], None],
+    ) -> None:
+        self.engine = engine
+        self.replayer = replayer
+        self.cipher = cipher
+        self.clock = clock
+        self.settings = settings
+        self._wake_at = wake_at
+
+    # Scheduling --------------------------------------------------------------------------------
+
+    def check_delay(self, delay_ms: int, generation: str) -> None:
+        """Refuse a delay over the maximum, in the shape each generation's clients act on."""
+        limit = self.settings.max_delay_ms
+        if delay_ms <= limit:
+            return
+        message = f"The requested delay ({delay_ms}ms) exceeds the allowed maximum ({limit}ms)"
+        if generation == "B":
+            raise Forbidden(message)
+        raise MatrixError(
+            message,
+            status=400,
+            errcode="M_UNKNOWN",
+            extra={
+                "org.matrix.msc4140.errcode": "M_MAX_DELAY_EXCEEDED",
+                "org.matrix.msc4140.max_delay": limit,
+                "max_delay": limit,
+            },
+        )
+
+    async def schedule(self, requester: Requester, request: ScheduleRequest) -> str:
+        """Store a delayed event and return its delay_id; a repeated transaction returns the
+        first one's.
+
+        Raises:
+            LimitExceeded: the user has as many scheduled events as allowed.
+        """
+        self.check_delay(request.delay_ms, request.generation)
+        now = self.clock.now_ms()
+        user, device = requester.user_id, requester.device_id
+        async with self.engine.begin() as conn:
+            await repo.lock_user(conn, user)
+            if request.txn_key is not None:
+                existing = await repo.find_by_txn(conn, user, device, request.txn_key)
+                if existing is not None:
+                    metrics.SCHEDULED.labels(request.generation, "repeat").inc()
+                    return existing
+            count, earliest = await repo.count_scheduled(conn, user)
+            if count >= self.settings.max_scheduled_per_user:
+                metrics.SCHEDULED.labels(request.generation, "limited").inc()
+                raise self._too_many(earliest, now)
+            delay_id = new_delay_id()
+            await repo.insert_event(
+                conn,
+                delay_id=delay_id,
+                user_id=user,
+                device_id=device,
+                txn_key=request.txn_key,
+                generation=request.generation,
+                room_id=request.room_id,
+                event_type=request.event_type,
+                state_key=request.state_key,
+                content=request.content,
+                query=request.query,
+                delay_ms=request.delay_ms,
+                created_ts=now,
+                send_ts=now + request.delay_ms,
+            )
+            await repo.store_token(conn, user, device, **self._sealed(requester, now))
+        metrics.SCHEDULED.labels(request.generation, "ok").inc()
+        self._wake_at(now + request.delay_ms)
+        return delay_id
+
+    def _too_many(self, earliest: int | None, now: int) -> LimitExceeded:
+        message = "The maximum number of delayed events has been reached."
+        if earliest is None or earliest <= now:
+            return LimitExceeded(message)
+        wait_ms = earliest - now
+        return LimitExceeded(
+            message,
+            extra={"retry_after_ms": wait_ms},
+            headers={"Retry-After": str(math.ceil(wait_ms / 1000))},
+        )
+
+    def _sealed(self, requester: Requester, now: int) -> dict[str, Any]:
+        context = token_context(requester.user_id, requester.device_id)
+        return {
+            "token": self.cipher.encrypt(requester.token, context=context),
+            "digest": self.cipher.digest(requester.token),
+            "now": now,
+        }
+
+    # Management --------------------------------------------------------------------------------
+
+    async def manage(
+        self, requester: Requester | None, delay_id: str, action: Action, *, v1: bool
+    ) -> None:
+        """Apply `action` to a delayed event.
+
+        With a requester, only their own events are found. On the unstable paths a finalised
+        event is not found (as MatrixRTC expects); on v1, repeating what happened succeeds and
+        anything else conflicts.
+
+        Raises:
+            NotFound, Conflict, HomeserverError (the send action's refusal).
+        """
+        generation = "B" if v1 else "A"
+        owner = requester.user_id if requester is not None else None
+        now = self.clock.now_ms()
+        counter = {
+            Action.SEND: metrics.SENT,
+            Action.CANCEL: metrics.CANCELLED,
+            Action.RESTART: metrics.RESTARTED,
+        }[action]
+        claimed: DelayedEvent | None = None
+        async with self.engine.begin() as conn:
+            if action is Action.RESTART:
+                done = await repo.restart(conn, delay_id, owner, now) is not None
+            elif action is Action.CANCEL:
+                done = await repo.cancel(conn, delay_id, owner, now)
+            else:
+                lease = int(self.settings.claim_lease_seconds * 1000)
+                claimed = await repo.claim_one(conn, delay_id, owner, now, lease)
+                done = claimed is not None
+            if requester is not None:
+                await repo.refresh_token(
+                    conn, requester.user_id, requester.device_id, **self._sealed(requester, now)
+                )
+            existing = None if done else await repo.get(conn, delay_id)
+        if not done:
+            counter.labels(generation, "refused").inc()
+            self._refuse(existing, owner, action, v1=v1, now=now)
+            return
+        if claimed is not None:
+            await self.replayer.send_now(claimed)
+            return
+        counter.labels(generation, "ok").inc()
+
+    @staticmethod
+    def _refuse(
+        event: DelayedEvent | None, owner: str | None, action: Action, *, v1: bool, now: int
+    ) -> None:
+        """Why an action did nothing: a 404, a 409, or (v1) a harmless repeat."""
+        if event is None or (owner is not None and event.user_id != owner):
+            raise NotFound("Delayed event not found")
+        in_flight = event.status == SCHEDULED  # claimed by a replay that is sending it right now
+        sent = event.status == SENT or in_flight
+        cancelled = event.status in (CANCELLED, FAILED)
+        if not v1:
+            raise NotFound("Delayed event not found")
+        if (action is Action.SEND and sent) or (action is Action.CANCEL and cancelled):
+            return
+        outcome = "sent" if sent else "cancelled"
+        raise Conflict(f"The delayed event was already {outcome}")
+
+    # Lookup ------------------------------------------------------------------------------------
+
+    async def get(self, requester: Requester, delay_id: str) -> dict[str, Any]:
+        """One of the requester's events, scheduled or finalised."""
+        async with self.engine.connect() as conn:
+            event = await repo.get(conn, delay_id)
+        if event is None or event.user_id != requester.user_id:
+            raise NotFound("Delayed event not found")
+        return render(event)
+
+    async def list(
+        self,
+        requester: Requester,
+        *,
+        status: Status | None,
+        delay_ids: list[str],
+        from_token: str | None,
+        limit: int,
+    ) -> dict[str, Any]:
+        """A page of the requester's events: scheduled by send time, finalised newest first."""
+        cursor = decode_cursor(from_token) if from_token else {}
+        want_scheduled = status in (None, Status.SCHEDULED) and cursor.get("s") != "done"
+        want_finalised = status in (None, Status.FINALISED) and cursor.get("f") != "done"
+        scheduled: list[DelayedEvent] = []
+        finalised: list[DelayedEvent] = []
+        next_cursor: dict[str, Any] = {}
+        async with self.engine.connect() as conn:
+            if want_scheduled:
+                scheduled = await repo.list_scheduled(
+                    conn,
+                    requester.user_id,
+                    delay_ids=delay_ids,
+                    after=_position(cursor.get("s")),
+                    limit=limit + 1,
+                )
+            if want_finalised:
+                finalised = await repo.list_finalised(
+                    conn,
+                    requester.user_id,
+                    delay_ids=delay_ids,
+                    after=_position(cursor.get("f")),
+                    limit=limit + 1,
+                )
+        more = False
+        if len(scheduled) > limit:
+            scheduled = scheduled[:limit]
+            next_cursor["s"] = [scheduled[-1].send_ts, scheduled[-1].delay_id]
+            more = True
+        else:
+            next_cursor["s"] = "done"
+        if len(finalised) > limit:
+            finalised = finalised[:limit]
+            last = finalised[-1]
+            next_cursor["f"] = [last.finalised_ts, last.delay_id]
+            more = True
+        else:
+            next_cursor["f"] = "done"
+        items = [render(e) for e in scheduled]
+        body: dict[str, Any] = {"delayed_events": items}
+        if status in (None, Status.SCHEDULED):
+            body["scheduled"] = items
+        if status in (None, Status.FINALISED):
+            body["finalised"] = [render(e) for e in finalised]
+        if more:
+            body["next_batch"] = encode_cursor(next_cursor)
+        return body
+
+    # Newer state -------------------------------------------------------------------------------
+
+    async def note_state_set(
+        self, *, room_id: str, event_type: str, state_key: str, sender: str
+    ) -> None:
+        """A state event passed through to the homeserver: cancel other users' delayed state for
+        the same key, when the rule is on."""
+        if not self.settings.cancel_on_newer_state:
+            return
+        error = json.dumps({"errcode": CANCELLED_BY_STATE, "error": "Cancelled by newer state"})
+        async with self.engine.begin() as conn:
+            cancelled = await repo.cancel_by_newer_state(
+                conn,
+                room_id=room_id,
+                event_type=event_type,
+                state_key=state_key,
+                sender=sender,
+                now=self.clock.now_ms(),
+                error=error,
+            )
+        for _ in cancelled:
+            metrics.CANCELLED.labels("A", "newer_state").inc()
+
+    async def prune(self) -> int:
+        """Forget finalised events past the retention age or the per-user count."""
+        now = self.clock.now_ms()
+        older_than = now - int(self.settings.finalised_retention_days * 86_400_000)
+        async with self.engine.begin() as conn:
+            return await repo.prune_finalised(
+                conn, older_than=older_than, keep_per_user=self.settings.finalised_max_per_user
+            )
+
+
+# Rendering -------------------------------------------------------------------------------------
+
+
+def render(event: DelayedEvent) -> dict[str, Any]:
+    """An event as lookups show it: the union of the field names both generations use."""
+    item: dict[str, Any] = {
+        "delay_id": event.delay_id,
+        "room_id": event.room_id,
+        "type": event.event_type,
+        "content": json.loads(event.content),
+        "delay": event.delay_ms,
+        "delay_ms": event.delay_ms,
+        "running_since": event.running_since,
+        "scheduled_at": event.running_since,
+        "delayed_since_ts": event.running_since,
+    }
+    if event.state_key is not None:
+        item["state_key"] = event.state_key
+    if event.status == SCHEDULED:
+        return item
+    finalised: dict[str, Any] = {"finalised_ts": event.finalised_ts}
+    if event.event_id is not None:
+        finalised["event_id"] = event.event_id
+    if event.error is not None:
+        finalised["error"] = json.loads(event.error)
+    outcome = "send" if event.status == SENT else "cancel"
+    return {
+        **item,
+        **finalised,
+        "finalised": finalised,
+        "outcome": outcome,
+        "reason": event.reason,
+        "delayed_event": dict(item),
+    }
+
+
+def encode_cursor(cursor: dict[str, Any]) -> str:
+    raw = json.dumps(cursor, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(token: str) -> dict[str, Any]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        cursor = json.loads(raw)
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        raise InvalidParam("Invalid 'from' token") from None
+    if not isinstance(cursor, dict) or not all(
+        v == "done" or _position(v) is not None for v in cursor.values()
+    ):
+        raise InvalidParam("Invalid 'from' token")
+    return cursor
+
+
+def _position(value: Any) -> tuple[int, str] | None:
+    if (
+        isinstance(value, list)
+        and len(value) == 2
+        and isinstance(value[0], int)
+        and isinstance(value[1], str)
+    ):
+        return value[0], value[1]
+    return None
