@@ -32,6 +32,8 @@ def _configure_logging(settings: Settings) -> None:
     )
     # httpx logs every request URL at INFO; URLs carry room ids, not secrets, but are noise.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # APScheduler reports every run of the wake-up and sweep jobs at INFO.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 
 def serve(settings: Settings) -> None:
