@@ -10,25 +10,27 @@
 
 ARG PYTHON_IMAGE=python:3.11-slim
 
-# --- build: install the project and its dependencies into a self-contained virtualenv ---
+# --- build: the dependencies, in a self-contained virtualenv ---
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/sidecar
 WORKDIR /src
-# Dependencies first, so that a change to the code alone reuses this layer.
+# The dependency list alone first, so that a change to the code reuses this layer.
 COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-      > /tmp/requirements.txt
-RUN /opt/sidecar/bin/pip install -r /tmp/requirements.txt
+RUN python -c "import tomllib; print('\\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+      > requirements.txt \
+ && /opt/sidecar/bin/pip install -r requirements.txt
+# The project must still build as a package (`pip install .`); every image build proves it.
 COPY README.md ./
 COPY app ./app
-RUN /opt/sidecar/bin/pip install --no-deps .
+RUN /opt/sidecar/bin/pip wheel --no-deps --wheel-dir /tmp/wheel .
 
 # --- runtime: the virtualenv, the migrations, an unprivileged user; no compilers, no pip cache ---
 FROM ${PYTHON_IMAGE} AS runtime
 ENV PATH=/opt/sidecar/bin:$PATH \
+    PYTHONPATH=/srv/sidecar \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     SIDECAR_LISTEN_HOST=0.0.0.0 \
@@ -37,10 +39,13 @@ RUN groupadd --system --gid 10009 sidecar \
  && useradd --system --uid 10009 --gid sidecar --no-create-home --home-dir /nonexistent \
       --shell /usr/sbin/nologin sidecar
 COPY --from=build /opt/sidecar /opt/sidecar
-# `migrate` reads the Alembic scripts from the working directory.
+# The code runs from this source tree, next to alembic.ini and migrations/, where `migrate`
+# looks for them (an installed wheel does not carry the migrations).
 WORKDIR /srv/sidecar
-COPY migrations ./migrations
 COPY alembic.ini ./
+COPY migrations ./migrations
+COPY app ./app
+RUN python -m compileall -q app migrations
 USER sidecar:sidecar
 EXPOSE 8009
 # /health answers 200 while the process is alive; readiness (database, scheduler) is /ready.
