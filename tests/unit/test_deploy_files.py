@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
+from devstack.stack import Ports
 
 from app.settings import Settings
 
@@ -26,11 +27,13 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 SYNAPSE_CONFIG = ROOT / "deploy/compose/synapse/homeserver.yaml"
 NGINX_COMPOSE_DIR = ROOT / "deploy/compose/nginx"
 
-# The local stack's ports (scripts/stack up); the compose stack publishes the same ones.
-NGINX_PORT = 8080
-SYNAPSE_PORT = 8008
-SIDECAR_PORT = int(Settings.model_fields["listen_port"].default)
-POSTGRES_PORT = 54329
+# The local stack's ports (scripts/stack up); the compose stack publishes the same ones, and the
+# sidecar's own default port is the stack's.
+STACK = Ports()
+NGINX_PORT = STACK.client
+SYNAPSE_PORT = STACK.homeserver
+SIDECAR_PORT = STACK.sidecar
+POSTGRES_PORT = STACK.postgres
 
 SERVICES = {"postgres", "synapse", "migrate", "sidecar", "nginx"}
 SIDECAR_SERVICES = ("migrate", "sidecar")
@@ -132,6 +135,10 @@ def service_by_mount(compose: dict[str, Any], container_dir: str) -> dict[str, A
 
 
 # --- checks ---------------------------------------------------------------------------------------
+
+
+def test_sidecar_default_port_is_the_stacks() -> None:
+    assert Settings.model_fields["listen_port"].default == SIDECAR_PORT
 
 
 def compose_structure_problems(compose: dict[str, Any]) -> list[str]:
