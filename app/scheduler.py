@@ -48,7 +48,7 @@ class WakeUpScheduler:
         """Start the clock; overdue events are replayed at once, in send-time order."""
         self._scheduler.start()
         self._scheduler.add_job(
-            self._wake,
+            self.tick,
             IntervalTrigger(seconds=self._sweep_seconds),
             id="sweep",
             max_instances=1,
@@ -77,14 +77,15 @@ class WakeUpScheduler:
         if not self._scheduler.running:
             return
         self._scheduler.add_job(
-            self._wake,
+            self.tick,
             DateTrigger(run_date=datetime.fromtimestamp(at_ms / 1000, UTC)),
             id=WAKE_JOB,
             replace_existing=True,
             misfire_grace_time=None,
         )
 
-    async def _wake(self) -> None:
+    async def tick(self) -> None:
+        """Replay what is due, then set the wake-up for the next due event."""
         self.wake_at = None
         try:
             await self._run_due()

@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import pytest
+from starlette.requests import Request
+
+from app.api import requests as rq
+from app.errors import BadJson, InvalidParam, NotJson
+
+
+def _request(query: bytes) -> Request:
+    return Request(
+        {"type": "http", "method": "GET", "path": "/", "query_string": query, "headers": []}
+    )
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        b"org.matrix.msc4140.delay=1500",
+        b"org%2Ematrix%2Emsc4140%2Edelay=1500",
+        b"org%2ematrix%2emsc4140%2edelay=1500",
+        b"a=1&org.matrix.msc4140.delay=1500&b=2",
+    ],
+)
+def test_delay_parameter_in_any_position_and_encoding(query: bytes) -> None:
+    pairs = rq.query_pairs(_request(query))
+    assert rq.single(pairs, rq.DELAY_PARAM) == "1500"
+
+
+def test_duplicate_delay_is_refused() -> None:
+    pairs = rq.query_pairs(_request(b"org.matrix.msc4140.delay=1&org.matrix.msc4140.delay=2"))
+    with pytest.raises(InvalidParam):
+        rq.single(pairs, rq.DELAY_PARAM)
+
+
+def test_replayed_query_keeps_others_raw_and_drops_consumed() -> None:
+    query = (
+        b"org.matrix.msc4354.sticky_duration_ms=3600000&org.matrix.msc4140.delay=10"
+        b"&org.matrix.msc4140.parent_delay_id=x&access_token=secret&ts=%31"
+    )
+    pairs = rq.query_pairs(_request(query))
+    assert rq.replayed_query(pairs) == "org.matrix.msc4354.sticky_duration_ms=3600000&ts=%31"
+
+
+@pytest.mark.parametrize("bad", [b"a=%zz", b"a=%", b"%ff%fe=1"])
+def test_bad_percent_encoding_is_refused(bad: bytes) -> None:
+    with pytest.raises(InvalidParam):
+        rq.query_pairs(_request(bad))
+
+
+@pytest.mark.parametrize("value", ["0", "1500", "100000000000000000000000000000"])
+def test_delay_accepts_non_negative_integers(value: str) -> None:
+    assert rq.parse_delay(value) == int(value)
+
+
+@pytest.mark.parametrize("value", ["", "-1", "1.5", "1e3", "+5", " 5", "٣", "0x10"])
+def test_delay_refuses_everything_else(value: str) -> None:
+    with pytest.raises(InvalidParam):
+        rq.parse_delay(value)
+
+
+def test_json_object_parsing() -> None:
+    assert rq.parse_json_object(b'{"a": 1}') == {"a": 1}
+    assert rq.parse_json_object(b"", empty_ok=True) == {}
+    with pytest.raises(NotJson):
+        rq.parse_json_object(b"")
+    with pytest.raises(NotJson):
+        rq.parse_json_object(b"{nope")
+    with pytest.raises(NotJson):
+        rq.parse_json_object(b'{"a": NaN}')
+    with pytest.raises(NotJson):
+        rq.parse_json_object(b"\xff\xfe")
+    with pytest.raises(BadJson):
+        rq.parse_json_object(b"[1, 2]")
+
+
+def test_content_is_stored_as_compact_ascii() -> None:
+    assert rq.compact_json({"body": "tест", "n": 1}) == '{"body":"t\\u0435\\u0441\\u0442","n":1}'
+
+
+@pytest.mark.parametrize(
+    ("raw", "decoded"),
+    [
+        ("_%40alice%3Aexample.org_DEV_m.call", "_@alice:example.org_DEV_m.call"),
+        ("a%2Fb", "a/b"),
+        ("%E2%9C%93", "\u2713"),
+        ("a+b", "a+b"),
+        ("%2541", "%41"),
+    ],
+)
+def test_path_segments_decode_exactly_once(raw: str, decoded: str) -> None:
+    assert rq.path_segment(raw, "state key") == decoded
+
+
+def test_path_segment_length_is_bounded() -> None:
+    with pytest.raises(InvalidParam):
+        rq.path_segment("a" * 256, "state key")
+
+
+@pytest.mark.parametrize("raw", ["room", "%23alias%3Aserver", "", "!"])
+def test_room_ids_must_be_room_ids(raw: str) -> None:
+    with pytest.raises(InvalidParam):
+        rq.room_id(raw)
+
+
+def test_txn_key_ignores_the_version_prefix() -> None:
+    v3 = rq.txn_key("/_matrix/client/v3/rooms/%21r%3Ax/send/m.room.message/t1")
+    r0 = rq.txn_key("/_matrix/client/r0/rooms/%21r%3Ax/send/m.room.message/t1")
+    assert v3 == r0 == "rooms/%21r%3Ax/send/m.room.message/t1"
