@@ -27,7 +27,8 @@ def test_defaults_and_normalisation(env: pytest.MonkeyPatch) -> None:
     assert settings.max_scheduled_per_user == 100
     assert settings.max_body_bytes == 65_536
     assert settings.cancel_on_newer_state is True
-    assert len(settings.token_keys) == 1 and len(settings.token_keys[0]) == 32
+    assert len(settings.token_keys) == 1
+    assert len(settings.token_keys[0]) == 32
 
 
 def test_two_keys_for_rotation(env: pytest.MonkeyPatch) -> None:
