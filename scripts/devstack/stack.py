@@ -308,15 +308,19 @@ class AlreadyRunning(StackError):
 
 
 def _parser() -> argparse.ArgumentParser:
+    dir_help = "state folder (default: .stack in the repository, or $STACK_DIR)"
     parser = argparse.ArgumentParser(prog="scripts/stack", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--dir",
         type=Path,
         default=Path(os.environ.get("STACK_DIR", REPO / ".stack")),
-        help="state folder (default: .stack in the repository, or $STACK_DIR)",
+        help=dir_help,
     )
+    # --dir is accepted after the command as well; there it overrides the one before.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dir", type=Path, default=argparse.SUPPRESS, help=dir_help)
     commands = parser.add_subparsers(dest="command", required=True)
-    up = commands.add_parser("up", help="start the stack and print its URLs")
+    up = commands.add_parser("up", parents=[common], help="start the stack and print its URLs")
     defaults = Ports.from_env()
     for name in ("client", "homeserver", "sidecar", "postgres"):
         up.add_argument(
@@ -325,10 +329,10 @@ def _parser() -> argparse.ArgumentParser:
             default=getattr(defaults, name),
             help=f"default {getattr(defaults, name)} (or $STACK_{name.upper()}_PORT)",
         )
-    commands.add_parser("down", help="stop what `up` started")
-    commands.add_parser("status", help="show what runs and the URLs")
+    commands.add_parser("down", parents=[common], help="stop what `up` started")
+    commands.add_parser("status", parents=[common], help="show what runs and the URLs")
     register = commands.add_parser(
-        "register", help="create a user; prints USER_ID, ACCESS_TOKEN, DEVICE_ID"
+        "register", parents=[common], help="create a user; prints USER_ID, ACCESS_TOKEN, DEVICE_ID"
     )
     register.add_argument("username")
     register.add_argument("--password", default=None, help="default: the user name")

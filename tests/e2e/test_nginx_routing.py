@@ -1,0 +1,244 @@
+"""The nginx routing of deploy/nginx/, with recording stand-ins for the sidecar and the homeserver.
+
+A real nginx runs the rendered local-stack configuration (which includes the deployed map and
+locations files unchanged); two tiny HTTP servers record which of them received each request and
+the exact request line. This pins down the routing decisions one by one, independent of the sidecar:
+where each form of request goes, and that the URI arrives byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from devstack import nginx, procs
+
+from tests.e2e.support import call
+
+pytestmark = pytest.mark.e2e
+
+ROOM = "%21room%3Alocalhost"
+MEMBER_KEY = "_%40alice%3Alocalhost_DEVICE_m.call"
+
+
+@dataclass
+class Recorder:
+    """Requests seen by the stand-in upstreams, as (upstream, method, raw request target)."""
+
+    seen: list[tuple[str, str, str]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def serve(self, name: str) -> ThreadingHTTPServer:
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(length)
+                with recorder.lock:
+                    recorder.seen.append((name, self.command, self.path))
+                body = json.dumps({"upstream": name}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_PUT = do_POST = _answer
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server
+
+    def take(self) -> list[tuple[str, str, str]]:
+        with self.lock:
+            seen, self.seen = self.seen, []
+        return seen
+
+
+@dataclass
+class Proxy:
+    url: str
+    recorder: Recorder
+    config: nginx.NginxConfig
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+    recorder = Recorder()
+    sidecar = recorder.serve("sidecar")
+    homeserver = recorder.serve("homeserver")
+    config = nginx.render(
+        tmp_path_factory.mktemp("nginx"),
+        procs.free_port(),
+        homeserver.server_address[1],
+        sidecar.server_address[1],
+    )
+    process = nginx.start(config)
+    try:
+        assert procs.wait_until(lambda: procs.http_ok(config.url + "/_matrix/client/versions"), 15)
+        yield Proxy(config.url, recorder, config)
+    finally:
+        procs.stop(process.pid, nginx.MARKER)
+        process.wait()
+        sidecar.shutdown()
+        homeserver.shutdown()
+
+
+def route(proxy: Proxy, method: str, target: str) -> tuple[int, list[tuple[str, str, str]]]:
+    proxy.recorder.take()
+    answer = call(proxy.url, method, target, body={} if method != "GET" else None)
+    return answer.status, proxy.recorder.take()
+
+
+def test_rendered_config_passes_nginx_t(proxy: Proxy) -> None:
+    result = nginx.check(proxy.config)
+    assert result.returncode == 0, result.stderr
+    assert "syntax is ok" in result.stderr
+    assert "test is successful" in result.stderr
+
+
+def test_nginx_listens_on_loopback_only(proxy: Proxy) -> None:
+    listens = re.findall(r"^\s*listen\s+([^;]+);", proxy.config.conf.read_text(), re.M)
+    assert listens, "no listen directive"
+    assert all(value.startswith("127.0.0.1:") for value in listens), listens
+
+
+def delayed(query: str) -> str:
+    return "?" + query
+
+
+# Requests that schedule a delayed event (or might): they must reach the sidecar, never the
+# homeserver, with the request target unchanged.
+TO_SIDECAR = {
+    "v3 send with txn": ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/send/m.room.message/t1"
+                                "?org.matrix.msc4140.delay=1500"),
+    "r0 send with txn": ("PUT", f"/_matrix/client/r0/rooms/{ROOM}/send/m.room.message/t1"
+                                "?org.matrix.msc4140.delay=1500"),
+    "unstable send": ("PUT", f"/_matrix/client/unstable/rooms/{ROOM}/send/m.room.message/t1"
+                             "?org.matrix.msc4140.delay=1500"),
+    "api/v1 send": ("PUT", f"/_matrix/client/api/v1/rooms/{ROOM}/send/m.room.message/t1"
+                           "?org.matrix.msc4140.delay=1500"),
+    "send without txn": ("POST", f"/_matrix/client/v3/rooms/{ROOM}/send/m.room.message"
+                                 "?org.matrix.msc4140.delay=1500"),
+    "state with key": ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/state/m.call/{MEMBER_KEY}"
+                              "?org.matrix.msc4140.delay=1500"),
+    "r0 state with key": ("PUT", f"/_matrix/client/r0/rooms/{ROOM}/state/m.call/{MEMBER_KEY}"
+                                 "?org.matrix.msc4140.delay=1500"),
+    "state without key": ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/state/m.call"
+                                 "?org.matrix.msc4140.delay=1500"),
+    "state with trailing slash": ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/state/m.call/"
+                                         "?org.matrix.msc4140.delay=1500"),
+    "param first": ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/send/m.room.message/t1"
+                           "?org.matrix.msc4140.delay=1500&org.matrix.msc4354.sticky_duration_ms=9"),
+    "param last": ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/send/m.room.message/t1"
+                          "?org.matrix.msc4354.sticky_duration_ms=9&org.matrix.msc4140.delay=1500"),
+    "param among others": ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/send/m.room.message/t1"
+                                  "?a=1&org.matrix.msc4140.delay=1500&b=2"),
+    "dots %2E": ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/send/m.room.message/t1"
+                        "?org%2Ematrix%2Emsc4140%2Edelay=1500"),
+    "dots %2e": ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/send/m.room.message/t1"
+                        "?org%2ematrix%2emsc4140%2edelay=1500"),
+    "dots mixed": ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/state/m.call/{MEMBER_KEY}"
+                          "?x=1&org%2Ematrix.msc4140%2edelay=1500"),
+    "parent_delay_id": ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/send/m.room.message/t1"
+                               "?org.matrix.msc4140.parent_delay_id=abc"),
+    "semicolon separator": ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/send/m.room.message/t1"
+                                   "?a=1;org.matrix.msc4140.delay=1500"),
+    "delay without value": ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/send/m.room.message/t1"
+                                   "?org.matrix.msc4140.delay"),
+    "other encoded letter": ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/send/m.room.message/t1"
+                                    "?%6Frg.matrix.msc4140.delay=1500"),
+    "encoded slash in room id": ("PUT", "/_matrix/client/v3/rooms/%21a%2Fb%3Alocalhost/send/"
+                                        "m.room.message/t1?org.matrix.msc4140.delay=1500"),
+    "gen B schedule v3": ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/delayed_event/m.call/t1"),
+    "gen B schedule unstable": ("PUT", "/_matrix/client/unstable/org.matrix.msc4140/rooms/"
+                                       f"{ROOM}/delayed_event/m.call/t1"),
+    "unstable restart": ("POST", "/_matrix/client/unstable/org.matrix.msc4140/delayed_events/"
+                                 "abcDEF123/restart"),
+    "v1 body action": ("POST", "/_matrix/client/v1/delayed_events/abcDEF123"),
+    "unstable list": ("GET", "/_matrix/client/unstable/org.matrix.msc4140/delayed_events"
+                             "?status=finalised"),
+    "v1 list": ("GET", "/_matrix/client/v1/delayed_events"),
+    "versions": ("GET", "/_matrix/client/versions"),
+    "capabilities": ("GET", "/_matrix/client/v3/capabilities"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("method", "target"), TO_SIDECAR.values(), ids=TO_SIDECAR.keys())
+def test_reaches_the_sidecar_unchanged(proxy: Proxy, method: str, target: str) -> None:
+    status, seen = route(proxy, method, target)
+    assert status == 200
+    assert seen == [("sidecar", method, target)]
+
+
+TO_HOMESERVER = {
+    "plain send": ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/send/m.room.message/t1"),
+    "plain state": ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/state/m.call/{MEMBER_KEY}"),
+    "state read": ("GET", f"/_matrix/client/v3/rooms/{ROOM}/state/m.call/{MEMBER_KEY}"),
+    "other params only": ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/send/m.room.message/t1"
+                                 "?org.matrix.msc4354.sticky_duration_ms=9"),
+    "a longer name": ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/send/m.room.message/t1"
+                             "?xorg.matrix.msc4140.delay=1500"),
+    "a different name": ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/send/m.room.message/t1"
+                                "?org.matrix.msc4140.delayx=1500"),
+    "delay text in a value": ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/send/m.room.message/t1"
+                                     "?a=org.matrix.msc4140.delay=1500"),
+    "sync": ("GET", "/_matrix/client/v3/sync?since=s1&timeout=0"),
+    "messages": ("GET", f"/_matrix/client/v3/rooms/{ROOM}/messages?dir=b"),
+    "r0 capabilities": ("GET", "/_matrix/client/r0/capabilities"),
+    "synapse client": ("GET", "/_synapse/client/pick_username/account_details"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("method", "target"), TO_HOMESERVER.values(), ids=TO_HOMESERVER.keys())
+def test_reaches_the_homeserver_unchanged(proxy: Proxy, method: str, target: str) -> None:
+    status, seen = route(proxy, method, target)
+    assert status == 200
+    assert seen == [("homeserver", method, target)]
+
+
+# Paths that nginx would resolve differently from the homeserver: refused when they carry a delay.
+REFUSED = {
+    "dot-dot event type": f"/_matrix/client/v3/rooms/{ROOM}/send/../t1"
+                          "?org.matrix.msc4140.delay=1500",
+    "encoded dot-dot event type": f"/_matrix/client/v3/rooms/{ROOM}/state/%2E%2e/k"
+                                  "?a=1&org%2ematrix%2emsc4140%2edelay=1500",
+    "dot state key": f"/_matrix/client/v3/rooms/{ROOM}/state/m.call/."
+                     "?org.matrix.msc4140.delay=1500",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("target", REFUSED.values(), ids=REFUSED.keys())
+def test_ambiguous_delayed_paths_are_refused(proxy: Proxy, target: str) -> None:
+    status, seen = route(proxy, "PUT", target)
+    assert status == 400
+    assert seen == []
+
+
+NOT_EXPOSED = ["/health", "/metrics", "/ready", "/_synapse/admin/v1/register"]
+
+
+@pytest.mark.parametrize("target", NOT_EXPOSED)
+def test_internal_endpoints_are_not_exposed(proxy: Proxy, target: str) -> None:
+    status, seen = route(proxy, "GET", target)
+    assert status == 404
+    assert seen == []
+
+
+def test_deployed_snippets_are_what_the_stack_includes(proxy: Proxy) -> None:
+    text = proxy.config.conf.read_text()
+    for name in ("sidecar-map.conf", "sidecar-locations.conf"):
+        assert f"include {nginx.DEPLOY_DIR / name};" in text
+        assert Path(nginx.DEPLOY_DIR / name).is_file()
