@@ -81,8 +81,6 @@ class Replayer:
                     return handled
                 await self._replay_batch(events, blobs)
                 handled += len(events)
-                if len(events) < _BATCH:
-                    return handled
 
     async def next_due(self) -> int | None:
         async with self.engine.connect() as conn:

@@ -162,14 +162,35 @@ async def claim_one(
 async def claim_due(
     conn: AsyncConnection, now: int, lease_ms: int, limit: int
 ) -> list[DelayedEvent]:
-    """Claim up to `limit` due events, earliest send time first.
+    """Claim up to `limit` due events, earliest send time first, and for each state key only
+    the earliest (the next one becomes claimable when it is finalised).
 
     Rows locked by another replica's claim are skipped, not waited for; a claim's lease moves
     `due_ts` forward, so a replica that dies mid-replay leaves rows that fall due again.
     """
+    earlier = delayed_event.alias("earlier")
+    E = earlier.c
+    # A state event waits for every earlier one of its (room, type, state_key): the later state
+    # must never land first, whichever replica sends which.
+    earlier_pending = (
+        select(text("1"))
+        .select_from(earlier)
+        .where(
+            E.status == SCHEDULED,
+            E.room_id == T.room_id,
+            E.event_type == T.event_type,
+            E.state_key == T.state_key,
+            tuple_(E.send_ts, E.delay_id) < tuple_(T.send_ts, T.delay_id),
+        )
+        .exists()
+    )
     due = (
         select(T.delay_id)
-        .where(T.status == SCHEDULED, T.due_ts <= now)
+        .where(
+            T.status == SCHEDULED,
+            T.due_ts <= now,
+            or_(T.state_key.is_(None), ~earlier_pending),
+        )
         .order_by(T.send_ts, T.delay_id)
         .limit(limit)
         .with_for_update(skip_locked=True)
