@@ -13,9 +13,9 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
+from devstack.stack import Stack
 
 pytestmark = pytest.mark.e2e
 
@@ -24,7 +24,7 @@ TIMEOUT_SECONDS = 180
 SUMMARY = re.compile(r"^(\d+) passed, (\d+) failed$", re.M)
 
 
-async def test_matrixrtc_calls_through_matrix_js_sdk(stack: Any) -> None:
+async def test_matrixrtc_calls_through_matrix_js_sdk(stack: Stack) -> None:
     node = shutil.which("node")
     assert node, "node is not installed (Debian's nodejs package)"
     assert (JS_DIR / "node_modules" / "matrix-js-sdk").is_dir(), (
@@ -38,10 +38,8 @@ async def test_matrixrtc_calls_through_matrix_js_sdk(stack: Any) -> None:
     }
     env["CLIENT_URL"] = stack.client_url
     env["REGISTRATION_SHARED_SECRET"] = stack.registration_shared_secret
-    # The public vhost does not route Synapse's admin API; registration then goes direct.
-    homeserver_url = getattr(stack, "homeserver_url", None)
-    if homeserver_url:
-        env["HOMESERVER_URL"] = homeserver_url
+    # The public vhost does not route Synapse's admin API; registration goes to Synapse directly.
+    env["HOMESERVER_URL"] = stack.homeserver_url
 
     process = await asyncio.create_subprocess_exec(
         node,
