@@ -1,0 +1,91 @@
+"""Application-service mode: replays act as the user through the application service's token,
+so they do not depend on the user's own token still being valid."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import text
+
+from tests.support.fakes import FakeClock, FakeHomeserver
+
+AS_TOKEN = "as_token_secret"
+ROOM = "%21room%3Atest"
+
+
+@pytest.fixture
+def settings_overrides() -> dict[str, Any]:
+    return {"appservice_token": AS_TOKEN}
+
+
+@pytest.fixture
+def appservice_homeserver(homeserver: FakeHomeserver) -> FakeHomeserver:
+    homeserver.appservice_token = AS_TOKEN
+    return homeserver
+
+
+async def _schedule_state(client: httpx.AsyncClient, delay: int) -> str:
+    r = await client.put(
+        f"/_matrix/client/v3/rooms/{ROOM}/state/m.call.member/_%40alice%3Atest_ALICEDEV"
+        f"?org.matrix.msc4140.delay={delay}",
+        json={},
+        headers={"Authorization": "Bearer alice_token"},
+    )
+    assert r.status_code == 200, r.text
+    delay_id: str = r.json()["delay_id"]
+    return delay_id
+
+
+async def test_replay_uses_the_application_service_as_the_user(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    clock: FakeClock,
+    appservice_homeserver: FakeHomeserver,
+) -> None:
+    await _schedule_state(client, 1000)
+    # The user's own token dies before the event is due.
+    del appservice_homeserver.tokens["alice_token"]
+    clock.advance(1000)
+    await app.state.container.service.replayer.run_due()
+    put = appservice_homeserver.replays()[-1]
+    assert put.headers["authorization"] == f"Bearer {AS_TOKEN}"
+    assert put.url.params["user_id"] == "@alice:test"
+    assert put.url.params["device_id"] == "ALICEDEV"
+    assert put.url.params["org.matrix.msc3202.device_id"] == "ALICEDEV"
+    state = appservice_homeserver.state[("!room:test", "m.call.member", "_@alice:test_ALICEDEV")]
+    assert state["sender"] == "@alice:test"
+
+
+async def test_no_user_token_is_stored(
+    app: FastAPI, client: httpx.AsyncClient, appservice_homeserver: FakeHomeserver
+) -> None:
+    await _schedule_state(client, 1000)
+    async with app.state.container.engine.connect() as conn:
+        count = (await conn.execute(text("SELECT count(*) FROM device_token"))).scalar_one()
+    assert count == 0
+
+
+async def test_a_logged_out_device_still_sends_as_the_user(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    clock: FakeClock,
+    appservice_homeserver: FakeHomeserver,
+) -> None:
+    delay_id = await _schedule_state(client, 1000)
+    # Logging out removes the device as well as the token.
+    for token in ("alice_token", "alice_token_2"):
+        del appservice_homeserver.tokens[token]
+    clock.advance(1000)
+    await app.state.container.service.replayer.run_due()
+    puts = appservice_homeserver.replays()
+    assert "device_id" in puts[-2].url.params
+    assert "device_id" not in puts[-1].url.params
+    assert ("!room:test", "m.call.member", "_@alice:test_ALICEDEV") in appservice_homeserver.state
+    r = await client.get(
+        f"/_matrix/client/v1/delayed_events/{delay_id}",
+        headers={"Authorization": "Bearer bob_token"},
+    )
+    assert r.status_code == 404
