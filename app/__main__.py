@@ -1,4 +1,5 @@
-"""Command line: `python -m app serve | migrate | gen-key | check-config`."""
+"""Command line: `python -m app serve | migrate | gen-key | check-config |
+appservice-registration --server-name NAME [--output FILE]`."""
 
 from __future__ import annotations
 
@@ -55,8 +56,26 @@ def serve(settings: Settings) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app", description=__doc__)
-    parser.add_argument("command", choices=["serve", "migrate", "gen-key", "check-config"])
+    parser.add_argument(
+        "command",
+        choices=["serve", "migrate", "gen-key", "check-config", "appservice-registration"],
+    )
+    parser.add_argument("--server-name", help="appservice-registration: the homeserver's name")
+    parser.add_argument(
+        "--output",
+        default="msc4140-appservice.yaml",
+        help="appservice-registration: where to write the file",
+    )
     args = parser.parse_args(argv)
+    if args.command == "appservice-registration":
+        if not args.server_name:
+            parser.error("appservice-registration needs --server-name")
+        from app.appservice import write_registration
+
+        as_token = write_registration(Path(args.output), args.server_name)
+        print(f"wrote {args.output}; give the sidecar:", file=sys.stderr)  # noqa: T201
+        print(f"SIDECAR_APPSERVICE_TOKEN={as_token}")  # noqa: T201
+        return 0
     if args.command == "gen-key":
         from app.crypto import new_key
 

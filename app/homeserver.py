@@ -8,7 +8,7 @@ import json
 import logging
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import httpx
 
@@ -36,6 +36,31 @@ _DROP_HEADERS = {
 class Whoami:
     user_id: str
     device_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """How to act as a user: their own access token, or the application service's token with
+    the user (and device) named in the query."""
+
+    token: str
+    as_user: str | None = None
+    as_device: str | None = None
+
+    def query(self) -> str:
+        if self.as_user is None:
+            return ""
+        params = [("user_id", self.as_user)]
+        if self.as_device is not None:
+            # The stable name, and the unstable one that older homeservers read instead.
+            params += [
+                ("device_id", self.as_device),
+                ("org.matrix.msc3202.device_id", self.as_device),
+            ]
+        return urlencode(params, quote_via=quote)
+
+    def without_device(self) -> Credential:
+        return Credential(self.token, self.as_user, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +159,7 @@ class Homeserver:
     async def replay(
         self,
         *,
-        token: str,
+        credential: Credential,
         room_id: str,
         event_type: str,
         state_key: str | None,
@@ -149,13 +174,12 @@ class Homeserver:
             path = f"/_matrix/client/v3/rooms/{room}/send/{kind}/{encode_segment(txn_id)}"
         else:
             path = f"/_matrix/client/v3/rooms/{room}/state/{kind}/{encode_segment(state_key)}"
-        if query:
-            path += "?" + query
+        path += _query(query, credential.query())
         try:
             response = await self._request(
                 "PUT",
                 path,
-                token=token,
+                token=credential.token,
                 content=content.encode(),
                 headers={"Content-Type": "application/json"},
             )
@@ -181,15 +205,15 @@ class Homeserver:
         return Refused(response.status_code, error)
 
     async def state_event(
-        self, *, token: str, room_id: str, event_type: str, state_key: str
+        self, *, credential: Credential, room_id: str, event_type: str, state_key: str
     ) -> dict[str, Any] | None:
         """The current state event for a key, as a whole event; None if unset or unreadable."""
         path = (
             f"/_matrix/client/v3/rooms/{encode_segment(room_id)}/state/"
-            f"{encode_segment(event_type)}/{encode_segment(state_key)}?format=event"
-        )
+            f"{encode_segment(event_type)}/{encode_segment(state_key)}"
+        ) + _query("format=event", credential.query())
         try:
-            response = await self._request("GET", path, token=token)
+            response = await self._request("GET", path, token=credential.token)
         except httpx.HTTPError:
             return None
         if response.status_code != 200:
@@ -208,6 +232,11 @@ class Homeserver:
         except httpx.HTTPError as exc:
             _count_error("unreachable")
             raise HomeserverUnavailable("the homeserver could not be reached") from exc
+
+
+def _query(*parts: str) -> str:
+    joined = "&".join(p for p in parts if p)
+    return "?" + joined if joined else ""
 
 
 def response_headers(response: httpx.Response) -> dict[str, str]:

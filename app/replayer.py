@@ -23,7 +23,7 @@ from app import repository as repo
 from app.clock import Clock
 from app.crypto import TokenCipher
 from app.errors import HomeserverError
-from app.homeserver import Homeserver, Refused, ReplayResult, Sent, Transient
+from app.homeserver import Credential, Homeserver, Refused, ReplayResult, Sent, Transient
 from app.models import CANCELLED, FAILED, SENT
 from app.repository import DelayedEvent
 from app.settings import Settings
@@ -99,35 +99,56 @@ class Replayer:
         async def room_worker(room_events: Iterable[DelayedEvent]) -> None:
             async with slots:
                 for event in room_events:
-                    token = self._token(event, blobs)
+                    credential = self._credential(event, blobs)
                     try:
-                        await self._replay_on_timeout(event, token)
+                        await self._replay_on_timeout(event, credential)
                     except Exception:
                         # The claim's lease runs out and the row falls due again.
                         logger.exception("replay of %s failed unexpectedly", event.delay_id)
 
         await asyncio.gather(*(room_worker(group) for group in by_room.values()))
 
-    def _token(self, event: DelayedEvent, blobs: dict[tuple[str, str | None], bytes]) -> str | None:
+    def _credential(
+        self, event: DelayedEvent, blobs: dict[tuple[str, str | None], bytes]
+    ) -> Credential | None:
+        """How to send as the event's user: the application service, else the device's token."""
+        if self.settings.appservice_token is not None:
+            as_token = self.settings.appservice_token.get_secret_value()
+            return Credential(as_token, event.user_id, event.device_id)
         blob = blobs.get((event.user_id, event.device_id))
         if blob is None:
             return None
-        return self.cipher.decrypt(blob, context=token_context(event.user_id, event.device_id))
+        token = self.cipher.decrypt(blob, context=token_context(event.user_id, event.device_id))
+        return Credential(token) if token is not None else None
 
-    async def load_token(self, event: DelayedEvent) -> str | None:
-        async with self.engine.connect() as conn:
-            blobs = await repo.load_tokens(conn, {(event.user_id, event.device_id)})
-        return self._token(event, blobs)
+    async def load_credential(self, event: DelayedEvent) -> Credential | None:
+        blobs: dict[tuple[str, str | None], bytes] = {}
+        if self.settings.appservice_token is None:
+            async with self.engine.connect() as conn:
+                blobs = await repo.load_tokens(conn, {(event.user_id, event.device_id)})
+        return self._credential(event, blobs)
 
-    async def attempt(self, event: DelayedEvent, token: str) -> Attempt:
+    async def attempt(self, event: DelayedEvent, credential: Credential) -> Attempt:
         """One try at sending `event` to the homeserver."""
         if event.state_key is not None and self.settings.cancel_on_newer_state:
-            newer = await self._newer_state(event, token)
+            newer = await self._newer_state(event, credential)
             if newer is not None:
                 return newer
         started = asyncio.get_running_loop().time()
-        result = await self.homeserver.replay(
-            token=token,
+        result = await self._replay(event, credential)
+        if (
+            isinstance(result, Refused)
+            and credential.as_device is not None
+            and str(result.error.get("errcode", "")).endswith("UNKNOWN_DEVICE")
+        ):
+            # The device was logged out since; the event still goes out, as the user.
+            result = await self._replay(event, credential.without_device())
+        metrics.REPLAY_SECONDS.observe(asyncio.get_running_loop().time() - started)
+        return result
+
+    async def _replay(self, event: DelayedEvent, credential: Credential) -> ReplayResult:
+        return await self.homeserver.replay(
+            credential=credential,
             room_id=event.room_id,
             event_type=event.event_type,
             state_key=event.state_key,
@@ -135,13 +156,11 @@ class Replayer:
             query=event.query,
             txn_id=txn_id_for(event.delay_id),
         )
-        metrics.REPLAY_SECONDS.observe(asyncio.get_running_loop().time() - started)
-        return result
 
-    async def _newer_state(self, event: DelayedEvent, token: str) -> NewerState | None:
+    async def _newer_state(self, event: DelayedEvent, credential: Credential) -> NewerState | None:
         assert event.state_key is not None
         current = await self.homeserver.state_event(
-            token=token,
+            credential=credential,
             room_id=event.room_id,
             event_type=event.event_type,
             state_key=event.state_key,
@@ -155,8 +174,8 @@ class Replayer:
             return None
         return NewerState()
 
-    async def _replay_on_timeout(self, event: DelayedEvent, token: str | None) -> None:
-        if token is None:
+    async def _replay_on_timeout(self, event: DelayedEvent, credential: Credential | None) -> None:
+        if credential is None:
             await self._finalise_failed(
                 event,
                 {
@@ -165,7 +184,7 @@ class Replayer:
                 },
             )
             return
-        outcome = await self.attempt(event, token)
+        outcome = await self.attempt(event, credential)
         await self.record(event, outcome, reason="delay")
 
     async def record(self, event: DelayedEvent, outcome: Attempt, *, reason: str) -> None:
@@ -249,14 +268,14 @@ class Replayer:
         A refusal is answered with the homeserver's error and the event stays scheduled on its own
         timer; a transient failure is retried like any due event.
         """
-        token = await self.load_token(event)
-        if token is None:
+        credential = await self.load_credential(event)
+        if credential is None:
             await self._release(event)
             raise HomeserverError(
                 401,
                 {"errcode": "M_UNKNOWN_TOKEN", "error": "No usable access token is stored"},
             )
-        outcome = await self.attempt(event, token)
+        outcome = await self.attempt(event, credential)
         if isinstance(outcome, Sent | NewerState):
             await self.record(event, outcome, reason="action")
             if isinstance(outcome, NewerState):

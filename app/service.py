@@ -71,6 +71,8 @@ class DelayedEventService:
         self.clock = clock
         self.settings = settings
         self._wake_at = wake_at
+        # With an application service to act as users, their access tokens are not needed.
+        self._keeps_tokens = settings.appservice_token is None
 
     # Scheduling --------------------------------------------------------------------------------
 
@@ -131,7 +133,8 @@ class DelayedEventService:
                 created_ts=now,
                 send_ts=now + request.delay_ms,
             )
-            await repo.store_token(conn, user, device, **self._sealed(requester, now))
+            if self._keeps_tokens:
+                await repo.store_token(conn, user, device, **self._sealed(requester, now))
         metrics.SCHEDULED.labels(request.generation, "ok").inc()
         self._wake_at(now + request.delay_ms)
         return delay_id
@@ -187,7 +190,7 @@ class DelayedEventService:
                 lease = int(self.settings.claim_lease_seconds * 1000)
                 claimed = await repo.claim_one(conn, delay_id, owner, now, lease)
                 done = claimed is not None
-            if requester is not None:
+            if requester is not None and self._keeps_tokens:
                 await repo.refresh_token(
                     conn, requester.user_id, requester.device_id, **self._sealed(requester, now)
                 )

@@ -6,7 +6,7 @@ import base64
 import binascii
 from typing import Annotated
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "SIDECAR_"
@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     prune_interval_seconds: float = Field(default=600.0, gt=0)
 
     cancel_on_newer_state: bool = True
+
+    # Application-service mode: replay as the user through the homeserver's application-service
+    # API instead of with the user's own (possibly expired) access token.
+    appservice_token: SecretStr | None = None
 
     log_level: str = "INFO"
     database_pool_size: int = Field(default=10, ge=1)

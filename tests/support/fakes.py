@@ -45,6 +45,7 @@ class FakeHomeserver:
     versions_body: Any = field(
         default_factory=lambda: {"versions": ["v1.11"], "unstable_features": {"x.y": True}}
     )
+    appservice_token: str | None = None
     _next_event: int = 0
 
     def add_user(self, token: str, user_id: str, device_id: str | None = "DEVICE") -> None:
@@ -57,10 +58,25 @@ class FakeHomeserver:
         return [r for r in self.requests if r.method == "PUT"]
 
     def _user(self, request: httpx.Request) -> FakeUser | None:
-        header = request.headers.get("authorization", "")
-        return self.tokens.get(header.removeprefix("Bearer "))
+        token = request.headers.get("authorization", "").removeprefix("Bearer ")
+        if self.appservice_token is not None and token == self.appservice_token:
+            user_id = request.url.params.get("user_id")
+            device_id = request.url.params.get("device_id")
+            if user_id is None:
+                return None
+            known = {(u.user_id, u.device_id) for u in self.tokens.values()}
+            if device_id is not None and (user_id, device_id) not in known:
+                raise _UnknownDevice()
+            return FakeUser(user_id, device_id)
+        return self.tokens.get(token)
 
     def handle(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return self._handle(request)
+        except _UnknownDevice:
+            return _error(400, "ORG.MATRIX.MSC4326.M_UNKNOWN_DEVICE", "Unknown device")
+
+    def _handle(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
         raw_path = request.url.raw_path.decode().partition("?")[0]
         parts = raw_path.split("/")
@@ -128,6 +144,10 @@ class FakeHomeserver:
         if state_key is not None:
             event["state_key"] = state_key
         return event
+
+
+class _UnknownDevice(Exception):
+    pass
 
 
 def _error(status: int, errcode: str, message: str, **extra: Any) -> httpx.Response:

@@ -6,7 +6,7 @@ import httpx
 import pytest
 
 from app.errors import HomeserverError, HomeserverUnavailable
-from app.homeserver import Homeserver, Refused, Sent, Transient, encode_segment
+from app.homeserver import Credential, Homeserver, Refused, Sent, Transient, encode_segment
 
 Handler = Callable[[httpx.Request], httpx.Response]
 
@@ -15,9 +15,9 @@ def _homeserver(handler: Handler) -> Homeserver:
     return Homeserver("http://hs.test/", httpx.AsyncClient(transport=httpx.MockTransport(handler)))
 
 
-async def _replay(handler: Handler, **overrides: str | None) -> object:
-    args: dict[str, str | None] = {
-        "token": "tok",
+async def _replay(handler: Handler, **overrides: object) -> object:
+    args: dict[str, object] = {
+        "credential": Credential("tok"),
         "room_id": "!room:test",
         "event_type": "m.room.message",
         "state_key": None,
@@ -146,3 +146,20 @@ async def test_replay_network_failures_are_transient(exc: Exception) -> None:
     result = await _replay(handler)
     assert isinstance(result, Transient)
     assert "tok" not in str(result.error)
+
+
+async def test_application_service_credential_names_user_and_device() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"event_id": "$e"})
+
+    credential = Credential("as_secret", "@alice:test", "DEV 1")
+    await _replay(handler, credential=credential, query="ts=5")
+    assert seen[0].headers["authorization"] == "Bearer as_secret"
+    assert seen[0].url.raw_path.endswith(
+        b"?ts=5&user_id=%40alice%3Atest&device_id=DEV%201&org.matrix.msc3202.device_id=DEV%201"
+    )
+    await _replay(handler, credential=credential.without_device())
+    assert seen[1].url.raw_path.endswith(b"?user_id=%40alice%3Atest")
