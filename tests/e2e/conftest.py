@@ -56,3 +56,11 @@ def room(stack: Stack, alice: Account) -> Room:
     return Room(
         stack.client_url, stack.homeserver_url, alice.access_token, answer.json()["room_id"]
     )
+
+
+@pytest.fixture
+def no_delay_reaches_synapse(synapse_log: SynapseLog) -> Iterator[None]:
+    """After the test: the homeserver never received a request carrying the delay parameter."""
+    start = synapse_log.mark()
+    yield
+    assert synapse_log.carrying_delay(since=start) == []

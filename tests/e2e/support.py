@@ -147,11 +147,17 @@ class SynapseLog:
         self.path = path
         self.homeserver_url = homeserver_url
 
-    def requests(self) -> list[tuple[str, str]]:
-        lines = self.path.read_text(errors="replace").splitlines()
+    def mark(self) -> int:
+        """A position in the log; `since=` it limits the checks below to later requests."""
+        return self.path.stat().st_size
+
+    def requests(self, since: int = 0) -> list[tuple[str, str]]:
+        with open(self.path, "rb") as log:
+            log.seek(since)
+            lines = log.read().decode(errors="replace").splitlines()
         return [(m["method"], m["uri"]) for m in map(_REQUEST_LINE.search, lines) if m]
 
-    def settle(self) -> list[tuple[str, str]]:
+    def settle(self, since: int = 0) -> list[tuple[str, str]]:
         """All requests so far: a marker request is sent, and the log read once it shows up.
 
         Anything the homeserver answered before the marker was sent is logged by then.
@@ -161,14 +167,14 @@ class SynapseLog:
         assert answer.status == 200, answer
 
         def logged() -> list[tuple[str, str]] | None:
-            seen = self.requests()
+            seen = self.requests(since)
             return seen if any(marker in uri for _, uri in seen) else None
 
         return poll(logged, 10.0, "the homeserver to log a marker request")
 
-    def carrying_delay(self) -> list[tuple[str, str]]:
+    def carrying_delay(self, since: int = 0) -> list[tuple[str, str]]:
         """Requests that reached the homeserver with a delay parameter (there must be none)."""
-        return [(m, uri) for m, uri in self.settle() if _DELAY_IN_QUERY.search(uri)]
+        return [(m, uri) for m, uri in self.settle(since) if _DELAY_IN_QUERY.search(uri)]
 
     def mentioning(self, text: str) -> list[tuple[str, str]]:
         return [(m, uri) for m, uri in self.settle() if text in uri]
