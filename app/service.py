@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app import metrics
 from app import repository as repo
@@ -150,6 +150,14 @@ class DelayedEventService:
             headers={"Retry-After": str(math.ceil(wait_ms / 1000))},
         )
 
+    async def _refresh_token(self, conn: AsyncConnection, requester: Requester) -> None:
+        """Every authenticated request refreshes the token its device's events replay with."""
+        if self._keeps_tokens:
+            now = self.clock.now_ms()
+            await repo.refresh_token(
+                conn, requester.user_id, requester.device_id, **self._sealed(requester, now)
+            )
+
     def _sealed(self, requester: Requester, now: int) -> dict[str, Any]:
         context = token_context(requester.user_id, requester.device_id)
         return {
@@ -225,7 +233,8 @@ class DelayedEventService:
 
     async def get(self, requester: Requester, delay_id: str) -> dict[str, Any]:
         """One of the requester's events, scheduled or finalised."""
-        async with self.engine.connect() as conn:
+        async with self.engine.begin() as conn:
+            await self._refresh_token(conn, requester)
             event = await repo.get(conn, delay_id)
         if event is None or event.user_id != requester.user_id:
             raise NotFound("Delayed event not found")
@@ -247,7 +256,8 @@ class DelayedEventService:
         scheduled: list[DelayedEvent] = []
         finalised: list[DelayedEvent] = []
         next_cursor: dict[str, Any] = {}
-        async with self.engine.connect() as conn:
+        async with self.engine.begin() as conn:
+            await self._refresh_token(conn, requester)
             if want_scheduled:
                 scheduled = await repo.list_scheduled(
                     conn,
