@@ -171,6 +171,10 @@ TO_SIDECAR = {
     "unstable list": ("GET", "/_matrix/client/unstable/org.matrix.msc4140/delayed_events"
                              "?status=finalised"),
     "v1 list": ("GET", "/_matrix/client/v1/delayed_events"),
+    "v1 get one": ("GET", "/_matrix/client/v1/delayed_events/abcDEF123"),
+    "gen B, type state": ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/delayed_event/state/t"),
+    "delayed state key as delayed_events": ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/state/m.call/"
+                                                   "delayed_events?org.matrix.msc4140.delay=1"),
     "versions": ("GET", "/_matrix/client/versions"),
     "capabilities": ("GET", "/_matrix/client/v3/capabilities"),
 }  # fmt: skip
@@ -198,6 +202,11 @@ TO_HOMESERVER = {
     "sync": ("GET", "/_matrix/client/v3/sync?since=s1&timeout=0"),
     "messages": ("GET", f"/_matrix/client/v3/rooms/{ROOM}/messages?dir=b"),
     "r0 capabilities": ("GET", "/_matrix/client/r0/capabilities"),
+    "state key delayed_events": ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/state/m.call/"
+                                        "delayed_events"),
+    "state read delayed_event": ("GET", f"/_matrix/client/v3/rooms/{ROOM}/state/m.call/"
+                                        "delayed_event"),
+    "event type delayed_event": ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/state/delayed_event/k"),
     "synapse client": ("GET", "/_synapse/client/pick_username/account_details"),
 }  # fmt: skip
 
