@@ -240,5 +240,10 @@ def _query(*parts: str) -> str:
 
 
 def response_headers(response: httpx.Response) -> dict[str, str]:
-    """The headers of a homeserver answer worth handing on to the client."""
-    return {k: v for k, v in response.headers.items() if k.lower() not in _DROP_HEADERS}
+    """The headers of a homeserver answer worth handing on to the client. CORS headers are left
+    out: the sidecar adds its own to every answer, and a doubled one fails in browsers."""
+    return {
+        k: v
+        for k, v in response.headers.items()
+        if k.lower() not in _DROP_HEADERS and not k.lower().startswith("access-control-")
+    }
