@@ -237,6 +237,40 @@ def test_send_fires_it_at_once(room: Room, alice: Account) -> None:
     assert event["origin_server_ts"] < before + 600_000
 
 
+def test_gen_b_schedule_and_v1_body_action(room: Room, alice: Account) -> None:
+    event_type = unique("org.example.genb.")
+    delay_ids = []
+    for prefix in ("/_matrix/client/v3", UNSTABLE):
+        target = f"{prefix}/{room.path}/delayed_event/{enc(event_type)}/{unique('txn')}"
+        body = {"delay_ms": 600_000, "state_key": "k", "content": {"via": prefix}}
+        answer = call(room.client_url, "PUT", target, body, token=room.token)
+        assert answer.status == 200, answer
+        delay_ids.append(answer.json()["delay_id"])
+    act(room, delay_ids[0], "cancel")
+    delay_id = delay_ids[1]
+    answer = call(
+        room.client_url,
+        "POST",
+        f"/_matrix/client/v1/delayed_events/{delay_id}",
+        {"action": "send"},
+        token=room.token,
+    )
+    assert answer.status == 200, answer
+
+    event = wait_for_state(room, event_type, "k", LANDING_SLACK_S)
+    assert event["content"] == {"via": UNSTABLE}
+    assert event["sender"] == alice.user_id
+
+
+def test_a_repeated_txn_id_schedules_once(room: Room) -> None:
+    target = f"/_matrix/client/r0/{room.path}/send/m.room.message/{unique('txn')}?{DELAY}=600000"
+    first = call(room.client_url, "PUT", target, {"body": "once"}, token=room.token)
+    second = call(room.client_url, "PUT", target, {"body": "once"}, token=room.token)
+    assert first.status == second.status == 200, (first, second)
+    assert first.json()["delay_id"] == second.json()["delay_id"]
+    act(room, first.json()["delay_id"], "cancel")
+
+
 # -- looking up ------------------------------------------------------------------------------
 
 
