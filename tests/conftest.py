@@ -1,5 +1,6 @@
 """Shared fixtures: a real, throwaway PostgreSQL with the real migrations applied (or the one
-TEST_DATABASE_URL names), a fake clock and a fake homeserver for tests below the end-to-end level."""
+TEST_DATABASE_URL names), a fake clock and a fake homeserver for tests below the end-to-end
+level."""
 
 from __future__ import annotations
 
@@ -58,12 +59,11 @@ def make_settings(database_url: str, **overrides: Any) -> Settings:
 
 
 @pytest.fixture
-async def clean_db(database_url: str) -> AsyncIterator[None]:
+async def clean_db(database_url: str) -> None:
     engine = create_async_engine(database_url)
     async with engine.begin() as conn:
         await conn.execute(text("TRUNCATE delayed_event, device_token"))
     await engine.dispose()
-    yield
 
 
 @pytest.fixture
