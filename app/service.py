@@ -110,6 +110,7 @@ class DelayedEventService:
             if request.txn_key is not None:
                 existing = await repo.find_by_txn(conn, user, device, request.txn_key)
                 if existing is not None:
+                    await self._refresh_token(conn, requester)
                     metrics.SCHEDULED.labels(request.generation, "repeat").inc()
                     return existing
             count, earliest = await repo.count_scheduled(conn, user)
