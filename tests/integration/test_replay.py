@@ -56,7 +56,7 @@ async def test_replay_as_scheduling_user_and_device(
 
 @pytest.mark.parametrize(
     "refresh",
-    ["schedule", "restart", "list", "get"],
+    ["schedule", "repeated-txn", "restart", "list", "get"],
 )
 async def test_newest_token_of_the_device_is_used(
     client: httpx.AsyncClient,
@@ -68,6 +68,8 @@ async def test_newest_token_of_the_device_is_used(
     delay_id = await schedule_message(client, 1000, txn="a", headers=ALICE)
     if refresh == "schedule":
         await schedule_message(client, 5000, txn="b", headers=ALICE_2)
+    elif refresh == "repeated-txn":
+        assert await schedule_message(client, 1000, txn="a", headers=ALICE_2) == delay_id
     elif refresh == "restart":
         r = await act(client, delay_id, "restart", prefix=V1, headers=ALICE_2)
         assert r.status_code == 200, r.text
