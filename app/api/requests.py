@@ -63,7 +63,9 @@ def query_pairs(request: Request) -> list[tuple[str, str, str]]:
     """(decoded key, decoded value, raw pair) for each query parameter, in order."""
     raw = request.scope.get("query_string", b"").decode("latin-1")
     pairs = []
-    for part in raw.split("&"):
+    # `;` separates parameters too, as in the homeserver's own parser: a delay hidden behind one
+    # must still be seen here.
+    for part in re.split("[&;]", raw):
         if not part:
             continue
         key, _, value = part.partition("=")

@@ -20,6 +20,7 @@ def _request(query: bytes) -> Request:
         b"org%2Ematrix%2Emsc4140%2Edelay=1500",
         b"org%2ematrix%2emsc4140%2edelay=1500",
         b"a=1&org.matrix.msc4140.delay=1500&b=2",
+        b"a=1;org.matrix.msc4140.delay=1500",
     ],
 )
 def test_delay_parameter_in_any_position_and_encoding(query: bytes) -> None:
