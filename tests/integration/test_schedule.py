@@ -301,7 +301,7 @@ async def test_state_key_survives_byte_for_byte(
 async def test_unencoded_at_and_colon_in_path(
     client: httpx.AsyncClient, app: FastAPI, clock: FakeClock, homeserver: FakeHomeserver
 ) -> None:
-    key = "_@alice:test_ALICEDEV"
+    key = "_@alice:test_ALICEDEV+1"
     r = await client.put(
         f"{V3}/rooms/!room:test/state/m.call.member/{key}?{DELAY}=0", json={}, headers=ALICE
     )
@@ -608,6 +608,15 @@ async def test_pass_through_keeps_homeserver_errors(
     r = await client.put(send_path("y"), json={})
     assert r.status_code == 401
     assert r.json()["errcode"] == "M_UNKNOWN_TOKEN"
+    assert await stored(app) == []
+
+
+async def test_pass_through_homeserver_unreachable(
+    client: httpx.AsyncClient, app: FastAPI, homeserver: FakeHomeserver
+) -> None:
+    homeserver.fail_next.append(httpx.ConnectError("refused"))
+    r = await client.put(send_path("x"), json={}, headers=ALICE)
+    assert_error(r, 502, "M_UNKNOWN")
     assert await stored(app) == []
 
 
