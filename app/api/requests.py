@@ -17,7 +17,6 @@ PARENT_PARAM = "org.matrix.msc4140.parent_delay_id"
 # Never replayed: the delay itself, the ignored parent, and credentials.
 _CONSUMED = {DELAY_PARAM, PARENT_PARAM, "access_token"}
 _MAX_ID = 255
-_VERSION_PREFIX = re.compile(r"^/_matrix/client/(?:r0|v3|v1|unstable(?:/org\.matrix\.msc4140)?)/")
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -125,6 +124,8 @@ def event_type(raw: str) -> str:
     return value
 
 
-def txn_key(path: str) -> str:
-    """What identifies a transaction across prefixes: the path after the version prefix."""
-    return _VERSION_PREFIX.sub("", path, count=1)
+def txn_key(endpoint: str, room: str, kind: str, txn: str) -> str:
+    """What identifies a transaction, whatever the prefix and however the client encoded the
+    path: the endpoint and its decoded room id, event type and transaction id."""
+    parts = (room_id(room), event_type(kind), path_segment(txn, "transaction id"))
+    return json.dumps([endpoint, *parts], ensure_ascii=True, separators=(",", ":"))

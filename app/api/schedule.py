@@ -37,8 +37,8 @@ async def _schedule_a(
             raise MissingParam(f"{rq.PARENT_PARAM} needs {rq.DELAY_PARAM}")
         return await pass_through(request, c, state=(room, kind, state_key))
     delay_ms = rq.parse_delay(delay)
-    c.service.check_delay(delay_ms, "A")
     requester = await c.auth.required(request)
+    c.service.check_delay(delay_ms, "A")
     content = rq.parse_json_object(await rq.read_body(request, c.settings.max_body_bytes))
     schedule = ScheduleRequest(
         generation="A",
@@ -48,10 +48,8 @@ async def _schedule_a(
         content=rq.compact_json(content),
         delay_ms=delay_ms,
         query=rq.replayed_query(pairs),
-        txn_key=rq.txn_key(request.scope["path"]) if txn is not None else None,
+        txn_key=rq.txn_key("send", room, kind, txn) if txn is not None else None,
     )
-    if txn is not None:
-        rq.path_segment(txn, "transaction id")
     return {"delay_id": await c.service.schedule(requester, schedule)}
 
 
@@ -107,7 +105,6 @@ async def _schedule_b(request: Request, room: str, kind: str, txn: str) -> dict[
         raise InvalidParam("state_key must be a string")
     if state_key is not None and len(state_key.encode()) > 255:
         raise InvalidParam("state key is too long")
-    rq.path_segment(txn, "transaction id")
     schedule = ScheduleRequest(
         generation="B",
         room_id=rq.room_id(room),
@@ -116,7 +113,7 @@ async def _schedule_b(request: Request, room: str, kind: str, txn: str) -> dict[
         content=rq.compact_json(content),
         delay_ms=delay,
         query="",
-        txn_key=rq.txn_key(request.scope["path"]),
+        txn_key=rq.txn_key("delayed_event", room, kind, txn),
     )
     return {"delay_id": await c.service.schedule(requester, schedule)}
 

@@ -649,3 +649,21 @@ async def test_state_key_too_long(client: httpx.AsyncClient, app: FastAPI) -> No
     r = await client.put(state_path("k" * 256) + f"?{DELAY}=10", json={}, headers=ALICE)
     assert_error(r, 400, "M_INVALID_PARAM")
     assert await stored(app) == []
+
+
+async def test_txn_retry_with_other_encoding_is_the_same_transaction(
+    client: httpx.AsyncClient, app: FastAPI
+) -> None:
+    first = await schedule_message(client, txn="enc", room=ROOM_PATH)
+    again = await schedule_message(client, txn="enc", room="!room:test")
+    assert again == first
+    assert len(await rows(app)) == 1
+
+
+async def test_missing_token_is_401_even_when_the_delay_is_too_long(
+    client: httpx.AsyncClient, app: FastAPI
+) -> None:
+    r = await client.put(send_path("long") + f"?{DELAY}=999999999999", json={})
+    assert r.status_code == 401
+    assert r.json()["errcode"] == "M_MISSING_TOKEN"
+    assert await rows(app) == []

@@ -104,7 +104,9 @@ def test_room_ids_must_be_room_ids(raw: str) -> None:
         rq.room_id(raw)
 
 
-def test_txn_key_ignores_the_version_prefix() -> None:
-    v3 = rq.txn_key("/_matrix/client/v3/rooms/%21r%3Ax/send/m.room.message/t1")
-    r0 = rq.txn_key("/_matrix/client/r0/rooms/%21r%3Ax/send/m.room.message/t1")
-    assert v3 == r0 == "rooms/%21r%3Ax/send/m.room.message/t1"
+def test_txn_key_ignores_prefix_and_encoding() -> None:
+    encoded = rq.txn_key("send", "%21r%3Ax", "m.room.message", "t1")
+    plain = rq.txn_key("send", "!r:x", "m.room.message", "t1")
+    assert encoded == plain
+    assert rq.txn_key("delayed_event", "!r:x", "m.room.message", "t1") != plain
+    assert rq.txn_key("send", "!r:x", "m.room.message", "t2") != plain
