@@ -14,13 +14,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def migrate(database_url: str) -> None:
-    """Bring the schema up to date (Alembic `upgrade head`)."""
+    """Bring the schema up to date (Alembic `upgrade head`). The migrations sit beside the `app`
+    package, in a checkout and in an installed wheel alike."""
     from alembic import command
     from alembic.config import Config
 
-    config = Config(str(ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(ROOT / "migrations"))
+    scripts = ROOT / "migrations"
+    if not (scripts / "env.py").is_file():
+        raise SystemExit(f"migrations not found in {scripts}")
+    config = Config()
+    config.set_main_option("script_location", str(scripts))
     config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    config.set_main_option("path_separator", "os")
     config.attributes["configure_logging"] = False
     command.upgrade(config, "head")
 
