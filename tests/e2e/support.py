@@ -28,6 +28,7 @@ UNSTABLE = "/_matrix/client/unstable/org.matrix.msc4140"
 class Response:
     status: int
     body: bytes
+    content_type: str = ""
 
     def json(self) -> Any:
         return json.loads(self.body or b"null")
@@ -58,7 +59,7 @@ def call(
     try:
         connection.request(method, raw_path, body=data, headers=headers)
         answer = connection.getresponse()
-        return Response(answer.status, answer.read())
+        return Response(answer.status, answer.read(), answer.getheader("Content-Type") or "")
     finally:
         connection.close()
 

@@ -236,6 +236,15 @@ def test_ambiguous_delayed_paths_are_refused(proxy: Proxy, target: str) -> None:
     assert seen == []
 
 
+@pytest.mark.parametrize(
+    "target", [REFUSED["dot state key"], "/health"], ids=["refused", "not exposed"]
+)
+def test_nginx_errors_are_matrix_json(proxy: Proxy, target: str) -> None:
+    answer = call(proxy.url, "PUT", target, body={})
+    assert answer.content_type.startswith("application/json")
+    assert answer.json()["errcode"] == "M_UNRECOGNIZED"
+
+
 NOT_EXPOSED = ["/health", "/metrics", "/ready", "/_synapse/admin/v1/register"]
 
 
