@@ -83,6 +83,10 @@ class Stack:
     ports: Ports
     registration_shared_secret: str = ""
     processes: dict[str, Process] = field(default_factory=dict)
+    # Application-service mode: Synapse loads the sidecar's registration and the sidecar sends
+    # with its token. The token is only held while starting.
+    appservice: bool = False
+    appservice_token: str | None = field(default=None, repr=False)
 
     @property
     def client_url(self) -> str:
@@ -153,14 +157,21 @@ class Stack:
     # -- lifecycle ---------------------------------------------------------------------------
 
     @classmethod
-    def up(cls, directory: Path, ports: Ports | None = None, log: TextIO = sys.stderr) -> Stack:
+    def up(
+        cls,
+        directory: Path,
+        ports: Ports | None = None,
+        log: TextIO = sys.stderr,
+        *,
+        appservice: bool = False,
+    ) -> Stack:
         """Start everything in `directory` and wait until it answers; stop it all on failure."""
         directory = directory.resolve()
         directory.mkdir(parents=True, exist_ok=True)
         existing = cls.load(directory)
         if existing is not None and any(existing.running().values()):
             raise AlreadyRunning(existing)
-        stack = cls(dir=directory, ports=ports or Ports.from_env())
+        stack = cls(dir=directory, ports=ports or Ports.from_env(), appservice=appservice)
         taken = [str(p) for p in asdict(stack.ports).values() if not procs.port_is_free(p)]
         if taken:
             raise StackError(f"port(s) already in use on 127.0.0.1: {', '.join(taken)}")
@@ -204,7 +215,24 @@ class Stack:
 
     def _start_synapse(self, log: TextIO) -> None:
         print(f"starting Synapse on {self.homeserver_url}", file=log)
-        config = synapse.configure(self.dir / "synapse", self.ports.homeserver)
+        extra: dict[str, object] = {}
+        if self.appservice:
+            registration = (self.dir / "synapse" / "msc4140-appservice.yaml").resolve()
+            registration.parent.mkdir(parents=True, exist_ok=True)
+            self.sidecar_log.parent.mkdir(parents=True, exist_ok=True)
+            printed = self._sidecar_run(
+                [
+                    "appservice-registration",
+                    "--server-name",
+                    "localhost",
+                    "--output",
+                    str(registration),
+                ],
+                self._sidecar_env(),
+            )
+            self.appservice_token = printed.strip().removeprefix("SIDECAR_APPSERVICE_TOKEN=")
+            extra["app_service_config_files"] = [str(registration)]
+        config = synapse.configure(self.dir / "synapse", self.ports.homeserver, extra)
         self.registration_shared_secret = config.registration_shared_secret
         process = synapse.start(config)
         self._record("synapse", process.pid, synapse.MARKER)
@@ -232,6 +260,8 @@ class Stack:
             SIDECAR_LISTEN_HOST="127.0.0.1",
             SIDECAR_LISTEN_PORT=str(self.ports.sidecar),
         )
+        if self.appservice_token is not None:
+            env["SIDECAR_APPSERVICE_TOKEN"] = self.appservice_token
         return env
 
     def _sidecar_run(self, args: list[str], env: dict[str, str]) -> str:
@@ -329,6 +359,11 @@ def _parser() -> argparse.ArgumentParser:
             default=getattr(defaults, name),
             help=f"default {getattr(defaults, name)} (or $STACK_{name.upper()}_PORT)",
         )
+    up.add_argument(
+        "--appservice",
+        action="store_true",
+        help="application-service mode: Synapse loads the sidecar's registration",
+    )
     commands.add_parser("down", parents=[common], help="stop what `up` started")
     commands.add_parser("status", parents=[common], help="show what runs and the URLs")
     register = commands.add_parser(
@@ -348,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             ports = Ports(
                 args.client_port, args.homeserver_port, args.sidecar_port, args.postgres_port
             )
-            stack = Stack.up(directory, ports)
+            stack = Stack.up(directory, ports, appservice=args.appservice)
             print("\n".join(stack.env_lines()))
             print(
                 f"stack is up; logs under {directory}; `scripts/stack down` stops it",

@@ -115,7 +115,7 @@ def _log_config(log_path: Path) -> dict[str, object]:
     }
 
 
-def configure(root: Path, port: int) -> SynapseConfig:
+def configure(root: Path, port: int, extra: dict[str, object] | None = None) -> SynapseConfig:
     """Write a fresh homeserver configuration (YAML is a superset of JSON) into `root`."""
     root = root.resolve()
     (root / "media_store").mkdir(parents=True, exist_ok=True)
@@ -127,6 +127,7 @@ def configure(root: Path, port: int) -> SynapseConfig:
         signing_key.write_text(_signing_key())
         signing_key.chmod(0o600)
     homeserver = _homeserver_yaml(root, port, config.registration_shared_secret)
+    homeserver.update(extra or {})
     config.config_path.write_text(json.dumps(homeserver, indent=2) + "\n")
     config.config_path.chmod(0o600)
     (root / "log.config").write_text(json.dumps(_log_config(config.log_path), indent=2) + "\n")
