@@ -21,12 +21,26 @@ CORS_HEADERS = [
 ]
 
 _DATABASE_DOWN = (OperationalError, InterfaceError, PoolTimeout, ConnectionError, TimeoutError)
+# SQLSTATEs of a server that is away or going: connection exceptions (class 08), and shutting
+# down, crashed or still starting up (57P01-57P03). asyncpg raises the last while PostgreSQL
+# stops or starts, and SQLAlchemy wraps it as a plain DBAPIError.
+_UNAVAILABLE_SQLSTATES = ("08", "57P01", "57P02", "57P03")
 
 
 def _database_down(exc: BaseException) -> bool:
     if isinstance(exc, _DATABASE_DOWN):
         return True
-    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    cause: BaseException | None = exc.orig
+    while cause is not None:
+        sqlstate = getattr(cause, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate.startswith(_UNAVAILABLE_SQLSTATES):
+            return True
+        cause = cause.__cause__
+    return False
 
 
 class RawPathMiddleware:
