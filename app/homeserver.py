@@ -239,11 +239,16 @@ def _query(*parts: str) -> str:
     return "?" + joined if joined else ""
 
 
-def response_headers(response: httpx.Response) -> dict[str, str]:
-    """The headers of a homeserver answer worth handing on to the client. CORS headers are left
-    out: the sidecar adds its own to every answer, and a doubled one fails in browsers."""
-    return {
-        k: v
-        for k, v in response.headers.items()
-        if k.lower() not in _DROP_HEADERS and not k.lower().startswith("access-control-")
-    }
+def response_headers(
+    response: httpx.Response, *, skip: tuple[str, ...] = ()
+) -> list[tuple[str, str]]:
+    """The headers of a homeserver answer worth handing on to the client, repeated ones kept.
+    CORS headers are left out: the sidecar adds its own to every answer, and a doubled one fails
+    in browsers."""
+    return [
+        (k, v)
+        for k, v in response.headers.multi_items()
+        if k.lower() not in _DROP_HEADERS
+        and k.lower() not in skip
+        and not k.lower().startswith("access-control-")
+    ]

@@ -6,6 +6,7 @@ import json
 import logging
 from typing import Any
 
+import httpx
 from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -37,7 +38,20 @@ async def pass_through(
     if state is not None and state[2] is not None and request.method == "PUT":
         if response.status_code == 200:
             await _note_state(request, c, state)
-    return Response(response.content, response.status_code, response_headers(response))
+    return _relay(response)
+
+
+def _relay(response: httpx.Response) -> Response:
+    """The homeserver's answer, as it gave it."""
+    relayed = Response(response.content, response.status_code)
+    relayed.raw_headers = [
+        (k, v) for k, v in relayed.raw_headers if k != b"content-type"
+    ] + _encoded(response_headers(response))
+    return relayed
+
+
+def _encoded(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
 
 
 async def _note_state(request: Request, c: Container, state: tuple[str, str, str | None]) -> None:
@@ -60,7 +74,7 @@ async def _merged(request: Request, add: Any) -> Response:
         "GET", _target(request), list(request.headers.items()), b""
     )
     if response.status_code != 200:
-        return Response(response.content, response.status_code, response_headers(response))
+        return _relay(response)
     try:
         body = response.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -68,8 +82,9 @@ async def _merged(request: Request, add: Any) -> Response:
     if not isinstance(body, dict):
         raise HomeserverUnavailable("the homeserver gave an invalid answer")
     add(c, body)
-    headers = {k: v for k, v in response_headers(response).items() if k.lower() != "content-type"}
-    return JSONResponse(body, headers=headers)
+    merged = JSONResponse(body)
+    merged.raw_headers += _encoded(response_headers(response, skip=("content-type",)))
+    return merged
 
 
 def _add_feature(c: Container, body: dict[str, Any]) -> None:

@@ -163,3 +163,28 @@ async def test_capabilities_homeserver_error_passes_through(client: httpx.AsyncC
         "/_matrix/client/v3/capabilities", headers={"Authorization": "Bearer nobody"}
     )
     assert r.status_code == 401
+
+
+async def test_pass_through_keeps_repeated_headers_and_drops_homeserver_cors(
+    client: httpx.AsyncClient, homeserver: FakeHomeserver
+) -> None:
+    homeserver.fail_next.append(
+        httpx.Response(
+            200,
+            headers=[
+                ("Set-Cookie", "a=1"),
+                ("Set-Cookie", "b=2"),
+                ("Access-Control-Allow-Origin", "*"),
+            ],
+            json={"event_id": "$plain"},
+        )
+    )
+    r = await client.put(
+        "/_matrix/client/v3/rooms/%21room%3Atest/send/m.room.message/plain",
+        json={"body": "now"},
+        headers={"Authorization": "Bearer alice_token"},
+    )
+    assert r.status_code == 200
+    assert r.json() == {"event_id": "$plain"}
+    assert r.headers.get_list("set-cookie") == ["a=1", "b=2"]
+    assert r.headers.get_list("access-control-allow-origin") == ["*"]
