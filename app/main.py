@@ -23,6 +23,7 @@ from app.clock import Clock, SystemClock
 from app.crypto import TokenCipher
 from app.errors import MatrixError
 from app.homeserver import Homeserver
+from app.ratelimit import RateLimits, TokenBuckets
 from app.replayer import Replayer
 from app.scheduler import WakeUpScheduler
 from app.service import DelayedEventService
@@ -75,6 +76,24 @@ def build_container(
         auth=Authenticator(homeserver, settings.whoami_cache_seconds),
         service=service,
         scheduler=scheduler,
+        limits=_rate_limits(settings, clock),
+    )
+
+
+def _rate_limits(settings: Settings, clock: Clock) -> RateLimits:
+    def now() -> float:
+        return clock.now_ms() / 1000
+
+    return RateLimits(
+        schedule=TokenBuckets(
+            settings.ratelimit_schedule_per_second, settings.ratelimit_schedule_burst, now
+        ),
+        manage=TokenBuckets(
+            settings.ratelimit_manage_per_second, settings.ratelimit_manage_burst, now
+        ),
+        tokenless=TokenBuckets(
+            settings.ratelimit_tokenless_per_second, settings.ratelimit_tokenless_burst, now
+        ),
     )
 
 

@@ -47,6 +47,15 @@ class Settings(BaseSettings):
 
     cancel_on_newer_state: bool = True
 
+    # Rate limits (requests a second, and burst); 0 turns one off. Sized so that MatrixRTC's
+    # heartbeat (a restart every 5 s per device, plus the SFU's) never comes near them.
+    ratelimit_schedule_per_second: float = Field(default=10.0, ge=0)
+    ratelimit_schedule_burst: int = Field(default=200, ge=1)
+    ratelimit_manage_per_second: float = Field(default=20.0, ge=0)
+    ratelimit_manage_burst: int = Field(default=200, ge=1)
+    ratelimit_tokenless_per_second: float = Field(default=2.0, ge=0)
+    ratelimit_tokenless_burst: int = Field(default=20, ge=1)
+
     # Application-service mode: replay as the user through the homeserver's application-service
     # API instead of with the user's own (possibly expired) access token.
     appservice_token: SecretStr | None = None

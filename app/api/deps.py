@@ -9,6 +9,7 @@ from starlette.requests import Request
 
 from app.auth import Authenticator
 from app.homeserver import Homeserver
+from app.ratelimit import RateLimits
 from app.scheduler import WakeUpScheduler
 from app.service import DelayedEventService
 from app.settings import Settings
@@ -22,6 +23,7 @@ class Container:
     auth: Authenticator
     service: DelayedEventService
     scheduler: WakeUpScheduler
+    limits: RateLimits
 
 
 def container(request: Request) -> Container:

@@ -22,24 +22,28 @@ _MAX_LIMIT = 1000
 _DEFAULT_LIMIT = 100
 
 
-async def _requester(request: Request, *, v1: bool) -> Requester | None:
+async def _requester(request: Request, delay_id: str, *, v1: bool) -> Requester | None:
+    """The caller of an action, if a token came; rate limited per user, else per delay_id."""
     c = container(request)
     requester = await c.auth.optional(request)
     if requester is None and v1:
         raise MissingToken("Missing access token")
+    c.limits.manage(requester.user_id if requester is not None else None, delay_id)
     return requester
 
 
 async def _act(request: Request, delay_id: str, action: Action, *, v1: bool) -> dict[str, Any]:
-    requester = await _requester(request, v1=v1)
+    delay_id = rq.path_segment(delay_id, "delay id")
+    requester = await _requester(request, delay_id, v1=v1)
     c = container(request)
     await rq.read_body(request, c.settings.max_body_bytes)  # {} or empty; contents unused
-    await c.service.manage(requester, rq.path_segment(delay_id, "delay id"), action, v1=v1)
+    await c.service.manage(requester, delay_id, action, v1=v1)
     return {}
 
 
 async def _act_from_body(request: Request, delay_id: str, *, v1: bool) -> dict[str, Any]:
-    requester = await _requester(request, v1=v1)
+    delay_id = rq.path_segment(delay_id, "delay id")
+    requester = await _requester(request, delay_id, v1=v1)
     c = container(request)
     body = rq.parse_json_object(await rq.read_body(request, c.settings.max_body_bytes))
     if "action" not in body:
@@ -48,7 +52,7 @@ async def _act_from_body(request: Request, delay_id: str, *, v1: bool) -> dict[s
         action = Action(body["action"])
     except (ValueError, TypeError):
         raise InvalidParam("'action' must be one of send, cancel, restart") from None
-    await c.service.manage(requester, rq.path_segment(delay_id, "delay id"), action, v1=v1)
+    await c.service.manage(requester, delay_id, action, v1=v1)
     return {}
 
 
@@ -64,6 +68,7 @@ def _limit(request: Request, pairs: list[tuple[str, str, str]]) -> int:
 async def _list(request: Request) -> dict[str, Any]:
     c = container(request)
     requester = await c.auth.required(request)
+    c.limits.manage(requester.user_id, "")
     pairs = rq.query_pairs(request)
     status_value = rq.single(pairs, "status")
     try:
@@ -85,6 +90,7 @@ async def _list(request: Request) -> dict[str, Any]:
 async def _get(request: Request, delay_id: str) -> dict[str, Any]:
     c = container(request)
     requester = await c.auth.required(request)
+    c.limits.manage(requester.user_id, "")
     return await c.service.get(requester, rq.path_segment(delay_id, "delay id"))
 
 

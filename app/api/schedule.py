@@ -38,6 +38,7 @@ async def _schedule_a(
         return await pass_through(request, c, state=(room, kind, state_key))
     delay_ms = rq.parse_delay(delay)
     requester = await c.auth.required(request)
+    c.limits.schedule(requester.user_id)
     c.service.check_delay(delay_ms, "A")
     content = rq.parse_json_object(await rq.read_body(request, c.settings.max_body_bytes))
     schedule = ScheduleRequest(
@@ -89,6 +90,7 @@ async def put_state_empty_key(request: Request, version: str, room: str, event_t
 async def _schedule_b(request: Request, room: str, kind: str, txn: str) -> dict[str, Any]:
     c = container(request)
     requester = await c.auth.required(request)
+    c.limits.schedule(requester.user_id)
     body = rq.parse_json_object(await rq.read_body(request, c.settings.max_body_bytes))
     delay = body.get("delay_ms", body.get("delay"))
     if delay is None:

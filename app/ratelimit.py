@@ -1,0 +1,80 @@
+"""Rate limits: token buckets in memory, one per user (scheduling; management and lookups) and one
+per delay_id for calls without a token. Never per IP address: one SFU host restarts the delayed
+events of every participant it carries.
+
+Each replica keeps its own buckets, so behind N replicas a client can reach up to N times a limit;
+the per-user cap on scheduled events, kept in the database, is exact.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+
+from app.errors import LimitExceeded
+
+
+class TokenBuckets:
+    """`rate` requests a second per key, in bursts of up to `burst`. A rate of 0 turns it off."""
+
+    def __init__(
+        self, rate: float, burst: int, now: Callable[[], float], max_keys: int = 100_000
+    ) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._now = now
+        self._max_keys = max_keys
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def wait_seconds(self, key: str) -> float:
+        """Take one token for `key`: 0 if there was one, else how long until there will be."""
+        if self.rate <= 0:
+            return 0.0
+        now = self._now()
+        tokens, last = self._buckets.pop(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        if tokens >= 1:
+            self._buckets[key] = (tokens - 1, now)
+            wait = 0.0
+        else:
+            self._buckets[key] = (tokens, now)
+            wait = (1 - tokens) / self.rate
+        while len(self._buckets) > self._max_keys:
+            # The least recently seen key goes; it would have refilled the longest anyway.
+            self._buckets.popitem(last=False)
+        return wait
+
+
+class RateLimits:
+    def __init__(
+        self,
+        *,
+        schedule: TokenBuckets,
+        manage: TokenBuckets,
+        tokenless: TokenBuckets,
+    ) -> None:
+        self._schedule = schedule
+        self._manage = manage
+        self._tokenless = tokenless
+
+    def schedule(self, user_id: str) -> None:
+        _check(self._schedule, user_id)
+
+    def manage(self, user_id: str | None, delay_id: str) -> None:
+        """Management and lookups: per user with a token, per delay_id without one."""
+        if user_id is not None:
+            _check(self._manage, user_id)
+        else:
+            _check(self._tokenless, delay_id)
+
+
+def _check(buckets: TokenBuckets, key: str) -> None:
+    wait = buckets.wait_seconds(key)
+    if wait > 0:
+        wait_ms = math.ceil(wait * 1000)
+        raise LimitExceeded(
+            "Too many requests",
+            extra={"retry_after_ms": wait_ms},
+            headers={"Retry-After": str(math.ceil(wait))},
+        )
