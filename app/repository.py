@@ -57,8 +57,10 @@ def new_claim_id() -> str:
 
 
 def _not_in_flight(now: int) -> Any:
-    """A scheduled row that no live claim is replaying right now (a lapsed lease counts as free)."""
-    return or_(T.claim_id.is_(None), T.due_ts <= now)
+    """A scheduled row that no claim holds. A claim whose lease lapsed still holds it: its replica
+    may have died after the homeserver took the event, and only the next replay (deduplicated by
+    the homeserver) can tell; until then the event counts as being sent."""
+    return T.claim_id.is_(None)
 
 
 async def lock_user(conn: AsyncConnection, user_id: str) -> None:
