@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from starlette.requests import Request
 
-from app.errors import MissingToken
+from app.errors import MatrixError, MissingToken
 from app.homeserver import Homeserver, Whoami
 
 
@@ -28,11 +28,19 @@ def access_token(request: Request) -> str | None:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise MissingToken("Invalid Authorization header")
-        return token.strip()
+        return _checked(token.strip())
     tokens = request.query_params.getlist("access_token")
     if len(tokens) > 1:
         raise MissingToken("More than one access_token query parameter")
-    return tokens[0] if tokens and tokens[0] else None
+    return _checked(tokens[0]) if tokens and tokens[0] else None
+
+
+def _checked(token: str) -> str:
+    """Access tokens are printable ASCII; anything else is unknown to every homeserver (and
+    could not be put in the header of the whoami request)."""
+    if not (token.isascii() and token.isprintable()):
+        raise MatrixError("Unknown access token", status=401, errcode="M_UNKNOWN_TOKEN")
+    return token
 
 
 class Authenticator:

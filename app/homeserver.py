@@ -14,6 +14,7 @@ import httpx
 
 from app import metrics
 from app.errors import HomeserverError, HomeserverUnavailable
+from app.models import storable_text
 
 logger = logging.getLogger(__name__)
 
@@ -92,16 +93,22 @@ def encode_segment(value: str) -> str:
     return quote(value, safe="")
 
 
-def _json_object(response: httpx.Response) -> dict[str, Any] | None:
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def json_object(response: httpx.Response) -> dict[str, Any] | None:
+    """The answer's JSON object; None for anything else (not JSON, NaN, nested too deeply for
+    the parser, not an object)."""
     try:
-        body = response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        body = json.loads(response.content, parse_constant=_no_constants)
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     return body if isinstance(body, dict) else None
 
 
 def _error_body(response: httpx.Response) -> dict[str, Any]:
-    body = _json_object(response)
+    body = json_object(response)
     if body is not None and isinstance(body.get("errcode"), str):
         return body
     return {"errcode": "M_UNKNOWN", "error": f"homeserver answered HTTP {response.status_code}"}
@@ -143,13 +150,20 @@ class Homeserver:
         except httpx.HTTPError as exc:
             _count_error("unreachable")
             raise HomeserverUnavailable("the homeserver could not be reached") from exc
-        body = _json_object(response)
+        body = json_object(response)
         if response.status_code == 200:
-            if body is None or not isinstance(body.get("user_id"), str):
+            user_id = body.get("user_id") if body is not None else None
+            device_id = body.get("device_id") if body is not None else None
+            if not isinstance(device_id, str):
+                device_id = None
+            if (
+                not isinstance(user_id, str)
+                or not storable_text(user_id)
+                or (device_id is not None and not storable_text(device_id))
+            ):
                 _count_error("bad_response")
                 raise HomeserverUnavailable("the homeserver gave an invalid whoami answer")
-            device_id = body.get("device_id")
-            return Whoami(body["user_id"], device_id if isinstance(device_id, str) else None)
+            return Whoami(user_id, device_id)
         error = _error_body(response)
         _count_error(error["errcode"])
         if response.status_code in (401, 403, 429):
@@ -190,7 +204,7 @@ class Homeserver:
                 {"errcode": "M_UNKNOWN", "error": f"homeserver unreachable ({reason})"}
             )
         if response.status_code == 200:
-            body = _json_object(response)
+            body = json_object(response)
             if body is not None and isinstance(body.get("event_id"), str):
                 return Sent(body["event_id"])
             _count_error("bad_response")
@@ -218,7 +232,7 @@ class Homeserver:
             return None
         if response.status_code != 200:
             return None
-        return _json_object(response)
+        return json_object(response)
 
     async def forward(
         self, method: str, target: str, headers: list[tuple[str, str]], body: bytes

@@ -47,6 +47,9 @@ def build_container(
         pool_pre_ping=True,
         pool_timeout=5,
         connect_args={"command_timeout": 10, "timeout": 5},
+        # Statement parameters hold event content and encrypted tokens: keep them out of the
+        # messages of database errors, which are logged.
+        hide_parameters=True,
     )
     client = httpx.AsyncClient(
         transport=transport,

@@ -26,6 +26,19 @@ metadata = MetaData(
     }
 )
 
+
+def storable_text(value: str) -> bool:
+    """Whether a PostgreSQL text column can hold `value`: no NUL character, and valid Unicode (no
+    lone surrogates, which JSON escapes can produce)."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 # Values of `delayed_event.status`. Only SCHEDULED rows are ever replayed.
 SCHEDULED = "scheduled"
 SENT = "sent"

@@ -39,6 +39,12 @@ def txn_id_for(delay_id: str) -> str:
     return f"msc4140.{delay_id}"
 
 
+def log_id(delay_id: str) -> str:
+    """How logs name an event: the first characters of its delay_id, enough to find its row but
+    not to act on it (a whole delay_id lets a tokenless call send, cancel or restart it)."""
+    return delay_id[:6] + "..."
+
+
 def token_context(user_id: str, device_id: str | None) -> str:
     return f"{user_id}\n{device_id or ''}"
 
@@ -104,7 +110,7 @@ class Replayer:
                         await self._replay_on_timeout(event, credential)
                     except Exception:
                         # The claim's lease runs out and the row falls due again.
-                        logger.exception("replay of %s failed unexpectedly", event.delay_id)
+                        logger.exception("replay of %s failed unexpectedly", log_id(event.delay_id))
 
         await asyncio.gather(*(room_worker(group) for group in by_room.values()))
 
@@ -200,7 +206,7 @@ class Replayer:
             if reason == "delay":
                 metrics.LATENESS_SECONDS.observe(max(0, now - event.send_ts) / 1000)
             if not done:
-                logger.warning("sent %s, but its claim had lapsed", event.delay_id)
+                logger.warning("sent %s, but its claim had lapsed", log_id(event.delay_id))
         elif isinstance(outcome, NewerState):
             error = {"errcode": CANCELLED_BY_STATE, "error": "Cancelled by newer state"}
             async with self.engine.begin() as conn:
@@ -211,7 +217,7 @@ class Replayer:
         elif isinstance(outcome, Refused):
             logger.info(
                 "homeserver refused %s: %s %s",
-                event.delay_id,
+                log_id(event.delay_id),
                 outcome.status,
                 outcome.error.get("errcode"),
             )
@@ -225,7 +231,7 @@ class Replayer:
         if now >= window_end:
             logger.warning(
                 "giving up on %s after %d attempts: %s",
-                event.delay_id,
+                log_id(event.delay_id),
                 event.attempts + 1,
                 outcome.error.get("errcode"),
             )
@@ -237,7 +243,7 @@ class Replayer:
         metrics.RETRIED.inc()
         logger.info(
             "homeserver unavailable for %s (%s), retrying in %d ms",
-            event.delay_id,
+            log_id(event.delay_id),
             outcome.error.get("errcode"),
             due - now,
         )

@@ -346,9 +346,12 @@ async def cancel_by_newer_state(
             due_ts=None,
             claim_id=None,
         )
-        .returning(T.delay_id)
+        .returning(T.delay_id, T.user_id, T.device_id)
     )
-    return list(result.scalars())
+    cancelled = list(result)
+    for user_id, device_id in {(row.user_id, row.device_id) for row in cancelled}:
+        await forget_unused_token(conn, user_id, device_id)
+    return [row.delay_id for row in cancelled]
 
 
 async def count_all_scheduled(conn: AsyncConnection) -> int:

@@ -21,7 +21,7 @@ from app.auth import Requester
 from app.clock import Clock
 from app.crypto import TokenCipher
 from app.errors import Conflict, Forbidden, InvalidParam, LimitExceeded, MatrixError, NotFound
-from app.models import CANCELLED, FAILED, SCHEDULED, SENT
+from app.models import CANCELLED, FAILED, SCHEDULED, SENT, storable_text
 from app.replayer import CANCELLED_BY_STATE, Replayer, token_context
 from app.repository import DelayedEvent
 from app.settings import Settings
@@ -377,7 +377,7 @@ def decode_cursor(token: str) -> dict[str, Any]:
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         cursor = json.loads(raw)
-    except (binascii.Error, ValueError, UnicodeDecodeError):
+    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError):
         raise InvalidParam("Invalid 'from' token") from None
     if not isinstance(cursor, dict) or not all(
         v == "done" or _position(v) is not None for v in cursor.values()
@@ -391,7 +391,9 @@ def _position(value: Any) -> tuple[int, str] | None:
         isinstance(value, list)
         and len(value) == 2
         and isinstance(value[0], int)
+        and -(2**63) <= value[0] < 2**63
         and isinstance(value[1], str)
+        and storable_text(value[1])
     ):
         return value[0], value[1]
     return None

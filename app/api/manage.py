@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter
 from starlette.requests import Request
 
+from app.api import openapi
 from app.api import requests as rq
 from app.api.deps import container
 from app.auth import Requester
@@ -120,6 +121,7 @@ def _add_routes(prefix: str, v1: bool) -> None:
         methods=["POST"],
         summary="Send, cancel or restart a delayed event",
         operation_id=f"act_{tag}",
+        openapi_extra=openapi.ACT,
     )
     router.add_api_route(
         base + "/{delay_id}",
@@ -127,6 +129,7 @@ def _add_routes(prefix: str, v1: bool) -> None:
         methods=["POST"],
         summary='Send, cancel or restart a delayed event (body {"action": ...})',
         operation_id=f"act_from_body_{tag}",
+        openapi_extra=openapi.ACT_FROM_BODY,
     )
     router.add_api_route(
         base,
@@ -134,6 +137,7 @@ def _add_routes(prefix: str, v1: bool) -> None:
         methods=["GET"],
         summary="List delayed events",
         operation_id=f"list_{tag}",
+        openapi_extra=openapi.LIST,
     )
     router.add_api_route(
         base + "/{delay_id}",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -25,6 +26,7 @@ _DATABASE_DOWN = (OperationalError, InterfaceError, PoolTimeout, ConnectionError
 # down, crashed or still starting up (57P01-57P03). asyncpg raises the last while PostgreSQL
 # stops or starts, and SQLAlchemy wraps it as a plain DBAPIError.
 _UNAVAILABLE_SQLSTATES = ("08", "57P01", "57P02", "57P03")
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 
 
 def _database_down(exc: BaseException) -> bool:
@@ -45,7 +47,8 @@ def _database_down(exc: BaseException) -> bool:
 
 class RawPathMiddleware:
     """Match routes against the path as the client sent it, still percent-encoded, so that an
-    encoded `/` inside a state key stays inside its segment; routes decode each segment once."""
+    encoded `/` inside a state key stays inside its segment; routes decode each segment once.
+    Control characters, which no valid URL holds, are refused in the path and the query."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -58,6 +61,11 @@ class RawPathMiddleware:
                 scope = dict(scope, path=path.decode("ascii"))
             except UnicodeDecodeError:
                 await _send_json(send, 400, {"errcode": "M_INVALID_PARAM", "error": "Bad path"})
+                return
+            if _CONTROL.search(path) or _CONTROL.search(scope.get("query_string", b"")):
+                await _send_json(
+                    send, 400, {"errcode": "M_INVALID_PARAM", "error": "Control character in URL"}
+                )
                 return
         await self.app(scope, receive, send)
 

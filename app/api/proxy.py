@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -14,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 from app.api import requests as rq
 from app.api.deps import Container, container
 from app.errors import HomeserverUnavailable, MatrixError
-from app.homeserver import response_headers
+from app.homeserver import json_object, response_headers
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -75,11 +74,8 @@ async def _merged(request: Request, add: Any) -> Response:
     )
     if response.status_code != 200:
         return _relay(response)
-    try:
-        body = response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        body = None
-    if not isinstance(body, dict):
+    body = json_object(response)
+    if body is None:
         raise HomeserverUnavailable("the homeserver gave an invalid answer")
     add(c, body)
     merged = JSONResponse(body)

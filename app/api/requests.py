@@ -4,6 +4,7 @@ path segments decoded exactly once. Every refusal is a Matrix error."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 from urllib.parse import unquote
@@ -11,12 +12,16 @@ from urllib.parse import unquote
 from starlette.requests import Request
 
 from app.errors import BadJson, InvalidParam, NotJson, TooLarge
+from app.models import storable_text
 
 DELAY_PARAM = "org.matrix.msc4140.delay"
 PARENT_PARAM = "org.matrix.msc4140.parent_delay_id"
 # Never replayed: the delay itself, the ignored parent, and credentials.
 _CONSUMED = {DELAY_PARAM, PARENT_PARAM, "access_token"}
 _MAX_ID = 255
+# Deeper JSON is refused: lookups render stored content inside a few more levels, and common
+# JSON libraries (serde_json's default is 128) refuse much deeper documents.
+MAX_JSON_DEPTH = 100
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -38,18 +43,44 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def _too_deep(value: Any) -> bool:
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict):
+            children = list(item.values())
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > MAX_JSON_DEPTH:
+            return True
+        pending.extend((child, depth + 1) for child in children)
+    return False
+
+
 def parse_json_object(body: bytes, *, empty_ok: bool = False) -> dict[str, Any]:
-    """A JSON object, or M_NOT_JSON (not JSON at all) / M_BAD_JSON (JSON, but not an object)."""
+    """A JSON object, or M_NOT_JSON (not JSON at all, or a number no float holds) / M_BAD_JSON
+    (JSON, but not an object, or nested deeper than MAX_JSON_DEPTH)."""
     if not body.strip():
         if empty_ok:
             return {}
         raise NotJson("Content not JSON.")
     try:
-        value = json.loads(body, parse_constant=_no_constants)
+        value = json.loads(body, parse_constant=_no_constants, parse_float=_finite)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise NotJson("Content not JSON.") from None
     if not isinstance(value, dict):
         raise BadJson("Content must be a JSON object.")
+    if _too_deep(value):
+        raise BadJson(f"Content is nested deeper than {MAX_JSON_DEPTH} levels.")
     return value
 
 
@@ -77,9 +108,12 @@ def _decode(raw: str, what: str) -> str:
     if re.search(r"%(?![0-9A-Fa-f]{2})", text):
         raise InvalidParam(f"Invalid percent-encoding in {what}")
     try:
-        return unquote(text, errors="strict")
+        value = unquote(text, errors="strict")
     except UnicodeDecodeError:
         raise InvalidParam(f"Invalid percent-encoding in {what}") from None
+    if not storable_text(value):
+        raise InvalidParam(f"Invalid character in {what}")
+    return value
 
 
 def single(pairs: list[tuple[str, str, str]], name: str) -> str | None:

@@ -10,10 +10,12 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
+from app.api import openapi
 from app.api import requests as rq
 from app.api.deps import container
 from app.api.proxy import pass_through
 from app.errors import InvalidParam, MissingParam
+from app.models import storable_text
 from app.service import ScheduleRequest
 
 router = APIRouter()
@@ -54,7 +56,11 @@ async def _schedule_a(
     return {"delay_id": await c.service.schedule(requester, schedule)}
 
 
-@router.put(_A + "/send/{event_type}/{txn_id}", summary="Schedule a delayed message")
+@router.put(
+    _A + "/send/{event_type}/{txn_id}",
+    summary="Schedule a delayed message",
+    openapi_extra=openapi.SCHEDULE_A,
+)
 async def send_message(
     request: Request, version: str, room: str, event_type: str, txn_id: str
 ) -> Any:
@@ -63,14 +69,22 @@ async def send_message(
     )
 
 
-@router.post(_A + "/send/{event_type}", summary="Schedule a delayed message (no txn id)")
+@router.post(
+    _A + "/send/{event_type}",
+    summary="Schedule a delayed message (no txn id)",
+    openapi_extra=openapi.SCHEDULE_A,
+)
 async def send_message_no_txn(request: Request, version: str, room: str, event_type: str) -> Any:
     return await _schedule_a(
         request, version=version, room=room, kind=event_type, state_key=None, txn=None
     )
 
 
-@router.put(_A + "/state/{event_type}/{state_key}", summary="Schedule a delayed state event")
+@router.put(
+    _A + "/state/{event_type}/{state_key}",
+    summary="Schedule a delayed state event",
+    openapi_extra=openapi.SCHEDULE_A,
+)
 async def put_state(
     request: Request, version: str, room: str, event_type: str, state_key: str
 ) -> Any:
@@ -79,8 +93,16 @@ async def put_state(
     )
 
 
-@router.put(_A + "/state/{event_type}/", summary="Schedule a delayed state event (empty key)")
-@router.put(_A + "/state/{event_type}", summary="Schedule a delayed state event (empty key)")
+@router.put(
+    _A + "/state/{event_type}/",
+    summary="Schedule a delayed state event (empty key)",
+    openapi_extra=openapi.SCHEDULE_A,
+)
+@router.put(
+    _A + "/state/{event_type}",
+    summary="Schedule a delayed state event (empty key)",
+    openapi_extra=openapi.SCHEDULE_A,
+)
 async def put_state_empty_key(request: Request, version: str, room: str, event_type: str) -> Any:
     return await _schedule_a(
         request, version=version, room=room, kind=event_type, state_key="", txn=None
@@ -105,6 +127,8 @@ async def _schedule_b(request: Request, room: str, kind: str, txn: str) -> dict[
     state_key = body.get("state_key")
     if state_key is not None and not isinstance(state_key, str):
         raise InvalidParam("state_key must be a string")
+    if state_key is not None and not storable_text(state_key):
+        raise InvalidParam("Invalid character in state_key")
     if state_key is not None and len(state_key.encode()) > 255:
         raise InvalidParam("state key is too long")
     schedule = ScheduleRequest(
@@ -132,6 +156,7 @@ def _add_b_routes() -> None:
             methods=["PUT"],
             summary="Schedule a delayed event (body: delay_ms, state_key?, content)",
             operation_id=f"schedule_delayed_event_{prefix.rsplit('/', 1)[-1].replace('.', '_')}",
+            openapi_extra=openapi.SCHEDULE_B,
         )
 
 
