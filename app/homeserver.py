@@ -115,7 +115,7 @@ def _error_body(response: httpx.Response) -> dict[str, Any]:
 
 
 def _count_error(errcode: str) -> None:
-    metrics.HOMESERVER_ERRORS.labels(errcode=errcode[:64]).inc()
+    metrics.HOMESERVER_ERRORS.labels(errcode=metrics.errcode_label(errcode)).inc()
 
 
 class Homeserver:

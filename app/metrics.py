@@ -50,3 +50,38 @@ HOMESERVER_ERRORS = Counter(
     "Error answers from the homeserver (or unreachable / bad_response), by errcode",
     ["errcode"],
 )
+
+
+# Errcodes worth a label of their own; anything else a homeserver says is counted as "other", so
+# that a misbehaving homeserver cannot create an unbounded number of series.
+_KNOWN_ERRCODES = frozenset(
+    {
+        "M_BAD_JSON",
+        "M_CANCELLED_BY_STATE_UPDATE",
+        "M_FORBIDDEN",
+        "M_GUEST_ACCESS_FORBIDDEN",
+        "M_INVALID_PARAM",
+        "M_LIMIT_EXCEEDED",
+        "M_MISSING_PARAM",
+        "M_MISSING_TOKEN",
+        "M_NOT_FOUND",
+        "M_NOT_JSON",
+        "M_RESOURCE_LIMIT_EXCEEDED",
+        "M_TOO_LARGE",
+        "M_UNKNOWN",
+        "M_UNKNOWN_DEVICE",
+        "M_UNKNOWN_TOKEN",
+        "M_UNRECOGNIZED",
+        "M_USER_DEACTIVATED",
+        "M_USER_SUSPENDED",
+        "M_USER_LOCKED",
+        "ORG.MATRIX.MSC4326.M_UNKNOWN_DEVICE",
+        "bad_response",
+        "unreachable",
+    }
+)
+
+
+def errcode_label(errcode: object) -> str:
+    """A bounded label for an errcode."""
+    return errcode if isinstance(errcode, str) and errcode in _KNOWN_ERRCODES else "other"

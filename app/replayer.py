@@ -266,7 +266,7 @@ class Replayer:
                 now=self.clock.now_ms(),
                 error=json.dumps(error, separators=(",", ":")),
             )
-        metrics.FAILED.labels(event.generation, str(error.get("errcode", "M_UNKNOWN"))[:64]).inc()
+        metrics.FAILED.labels(event.generation, metrics.errcode_label(error.get("errcode"))).inc()
 
     async def send_now(self, event: DelayedEvent) -> None:
         """The send action on a claimed event: replay it now and tell the caller how it went.

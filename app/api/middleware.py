@@ -106,10 +106,20 @@ class MatrixEdgeMiddleware:
                 logger.warning("database unavailable: %s", type(exc).__name__)
                 status, body = 503, {"errcode": "M_UNKNOWN", "error": "Database unavailable"}
             else:
-                logger.exception("unhandled error on %s %s", scope["method"], scope["path"])
+                logger.exception(
+                    "unhandled error on %s %s", scope["method"], _redacted(scope["path"])
+                )
                 status, body = 500, {"errcode": "M_UNKNOWN", "error": "Internal server error"}
             if not started:
                 await _send_json(send, status, body)
+
+
+_DELAY_ID_IN_PATH = re.compile(r"(/delayed_events/[^/]{0,6})[^/]*")
+
+
+def _redacted(path: str) -> str:
+    """The path with any delay_id cut short: a whole one lets its holder act on the event."""
+    return _DELAY_ID_IN_PATH.sub(r"\1…", path)
 
 
 async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
