@@ -85,7 +85,7 @@ class Replayer:
                     blobs = await repo.load_tokens(conn, {(e.user_id, e.device_id) for e in events})
                 if not events:
                     return handled
-                await self._replay_batch(events, blobs)
+                await self._replay_batch(events, blobs, _ClaimKeeper(self, events, now))
                 handled += len(events)
 
     async def next_due(self) -> int | None:
@@ -93,7 +93,10 @@ class Replayer:
             return await repo.next_due(conn)
 
     async def _replay_batch(
-        self, events: list[DelayedEvent], blobs: dict[tuple[str, str | None], bytes]
+        self,
+        events: list[DelayedEvent],
+        blobs: dict[tuple[str, str | None], bytes],
+        keeper: _ClaimKeeper,
     ) -> None:
         # Rooms are replayed side by side; within a room, strictly in send-time order, so a later
         # delayed state event never lands before an earlier one.
@@ -105,6 +108,8 @@ class Replayer:
         async def room_worker(room_events: Iterable[DelayedEvent]) -> None:
             async with slots:
                 for event in room_events:
+                    if not await keeper.still_ours(event):
+                        continue  # another replica took it over; it replays it from here
                     credential = self._credential(event, blobs)
                     try:
                         await self._replay_on_timeout(event, credential)
@@ -296,6 +301,33 @@ class Replayer:
     async def _release(self, event: DelayedEvent) -> None:
         async with self.engine.begin() as conn:
             await repo.release(conn, event)
+
+
+class _ClaimKeeper:
+    """Keeps a batch's claim alive while its events are sent one after another, renewing the
+    lease well before it runs out, so no other replica takes over an event of a room that is still
+    being worked through (which could send a later state event before an earlier one)."""
+
+    def __init__(self, replayer: Replayer, events: list[DelayedEvent], claimed_at: int) -> None:
+        self._replayer = replayer
+        self._claim_id = events[0].claim_id or ""
+        self._pending = [e.delay_id for e in events]
+        self._renewed_at = claimed_at
+        self._held = set(self._pending)
+        self._lock = asyncio.Lock()
+
+    async def still_ours(self, event: DelayedEvent) -> bool:
+        lease = self._replayer._lease_ms
+        if self._replayer.clock.now_ms() - self._renewed_at >= lease // 3:
+            async with self._lock:
+                now = self._replayer.clock.now_ms()
+                if now - self._renewed_at >= lease // 3:
+                    async with self._replayer.engine.begin() as conn:
+                        self._held = await repo.renew_claim(
+                            conn, self._claim_id, self._pending, now + lease
+                        )
+                    self._renewed_at = now
+        return event.delay_id in self._held
 
 
 def _cancelled_conflict() -> HomeserverError:

@@ -240,6 +240,19 @@ async def finalise(
     return True
 
 
+async def renew_claim(
+    conn: AsyncConnection, claim_id: str, delay_ids: list[str], due_ts: int
+) -> set[str]:
+    """Extend a claim's lease on these events; the ones it still holds."""
+    result = await conn.execute(
+        update(delayed_event)
+        .where(T.delay_id.in_(delay_ids), T.claim_id == claim_id, T.status == SCHEDULED)
+        .values(due_ts=due_ts)
+        .returning(T.delay_id)
+    )
+    return set(result.scalars())
+
+
 async def retry_later(
     conn: AsyncConnection, event: DelayedEvent, *, due_ts: int, first_failure_ts: int
 ) -> bool:
