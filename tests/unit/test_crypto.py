@@ -12,9 +12,9 @@ def _key() -> bytes:
 
 def test_round_trip_hides_the_token() -> None:
     cipher = TokenCipher([_key()])
-    blob = cipher.encrypt("syt_secret_token", context="@a:b\nDEV")
-    assert b"syt_secret_token" not in blob
-    assert cipher.decrypt(blob, context="@a:b\nDEV") == "syt_secret_token"
+    blob = cipher.encrypt("secret-token-under-test", context="@a:b\nDEV")
+    assert b"secret-token-under-test" not in blob
+    assert cipher.decrypt(blob, context="@a:b\nDEV") == "secret-token-under-test"
 
 
 def test_same_token_encrypts_differently_each_time() -> None:
