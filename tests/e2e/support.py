@@ -22,6 +22,7 @@ T = TypeVar("T")
 
 DELAY = "org.matrix.msc4140.delay"
 UNSTABLE = "/_matrix/client/unstable/org.matrix.msc4140"
+V1 = "/_matrix/client/v1"
 
 
 @dataclass(frozen=True)
