@@ -15,6 +15,7 @@ import httpx
 import pytest
 from devstack.postgres import start_throwaway
 from fastapi import FastAPI
+from hypothesis import settings as hypothesis_settings
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -25,6 +26,12 @@ from app.settings import Settings
 from tests.support.fakes import FakeClock, FakeHomeserver
 
 HOMESERVER = "http://homeserver.test"
+
+# In CI the property tests run the same examples every time (a red run is reproducible); locally
+# they explore new ones on each run.
+hypothesis_settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    hypothesis_settings.load_profile("ci")
 
 
 @pytest.fixture(scope="session")

@@ -93,10 +93,10 @@ def near_misses(delay_id: str) -> list[str]:
         flipped,
         delay_id[1:],
         delay_id.swapcase(),
-        delay_id[:5] + "_" + delay_id[6:],
+        delay_id[:5] + ("_" if delay_id[5] != "_" else "-") + delay_id[6:],
         delay_id[:10],
         delay_id[:-1] + "%25",  # a percent sign: no pattern matching
-        delay_id[:-1] + "%5F",  # an underscore: no pattern matching
+        delay_id[:-1] + ("%5F" if delay_id[-1] != "_" else "%2D"),  # no pattern matching
         " " + delay_id,
         delay_id + "%20",
     ]
