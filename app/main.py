@@ -129,7 +129,8 @@ def create_app(
         redirect_slashes=False,
     )
     app.state.container = container
-    for module in (schedule, manage, proxy, health):
+    # Routes are matched in order: the heartbeat's (manage) first.
+    for module in (manage, schedule, proxy, health):
         app.include_router(module.router)
     app.add_exception_handler(MatrixError, _matrix_error)  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]

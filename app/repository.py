@@ -132,6 +132,53 @@ async def restart(
     return send_ts
 
 
+_RESTART_MANY = text(
+    """
+    WITH refreshed AS (
+        UPDATE device_token AS d SET token = t.token, digest = t.digest, updated_ts = :now
+        FROM unnest(CAST(:users AS text[]), CAST(:devices AS text[]), CAST(:tokens AS bytea[]),
+                    CAST(:digests AS bytea[])) AS t (user_id, device_id, token, digest)
+        WHERE d.user_id = t.user_id AND d.device_id = t.device_id AND d.digest <> t.digest
+    )
+    UPDATE delayed_event AS e
+    SET send_ts = :now + e.delay_ms, due_ts = :now + e.delay_ms,
+        claim_id = NULL, attempts = 0, first_failure_ts = NULL
+    FROM unnest(CAST(:delay_ids AS text[]), CAST(:owners AS text[])) AS r (delay_id, owner)
+    WHERE e.delay_id = r.delay_id AND (r.owner IS NULL OR e.user_id = r.owner)
+      AND e.status = :scheduled AND e.claim_id IS NULL
+    RETURNING e.delay_id, e.user_id
+    """
+)
+
+
+async def restart_many(
+    conn: AsyncConnection,
+    requests: list[tuple[str, str | None]],
+    tokens: dict[tuple[str, str | None], tuple[bytes, bytes]],
+    now: int,
+) -> set[tuple[str, str]]:
+    """`restart` for many (delay_id, owner or None) at once, and `refresh_token` for many
+    {(user, device): (sealed token, digest)}, in one statement (atomic on its own); the
+    (delay_id, user_id) of each event restarted. Rows are taken in key order, so two batches
+    never wait on each other crosswise."""
+    ordered = sorted(requests, key=lambda r: (r[0], r[1] or ""))
+    devices = sorted(tokens.items(), key=lambda item: (item[0][0], item[0][1] or ""))
+    result = await conn.execute(
+        _RESTART_MANY,
+        {
+            "now": now,
+            "scheduled": SCHEDULED,
+            "delay_ids": [delay_id for delay_id, _ in ordered],
+            "owners": [owner for _, owner in ordered],
+            "users": [user for (user, _), _ in devices],
+            "devices": [device or "" for (_, device), _ in devices],
+            "tokens": [token for _, (token, _) in devices],
+            "digests": [digest for _, (_, digest) in devices],
+        },
+    )
+    return {(row.delay_id, row.user_id) for row in result}
+
+
 async def cancel(conn: AsyncConnection, delay_id: str, user_id: str | None, now: int) -> bool:
     """Finalise a scheduled event as cancelled by the owner; False if it can't be cancelled."""
     result = await conn.execute(

@@ -24,6 +24,7 @@ from app.errors import Conflict, Forbidden, InvalidParam, LimitExceeded, MatrixE
 from app.models import CANCELLED, FAILED, SCHEDULED, SENT, storable_text
 from app.replayer import CANCELLED_BY_STATE, Replayer, token_context
 from app.repository import DelayedEvent
+from app.restarts import RestartBatcher, SealedToken
 from app.settings import Settings
 
 
@@ -71,6 +72,7 @@ class DelayedEventService:
         self.clock = clock
         self.settings = settings
         self._wake_at = wake_at
+        self.restarts = RestartBatcher(engine, clock)
         # With an application service to act as users, their access tokens are not needed.
         self._keeps_tokens = settings.appservice_token is None
 
@@ -190,10 +192,11 @@ class DelayedEventService:
             Action.RESTART: metrics.RESTARTED,
         }[action]
         claimed: DelayedEvent | None = None
+        if action is Action.RESTART:
+            await self._restart(requester, delay_id, owner, v1=v1, now=now)
+            return
         async with self.engine.begin() as conn:
-            if action is Action.RESTART:
-                done = await repo.restart(conn, delay_id, owner, now) is not None
-            elif action is Action.CANCEL:
+            if action is Action.CANCEL:
                 done = await repo.cancel(conn, delay_id, owner, now)
             else:
                 lease = int(self.settings.claim_lease_seconds * 1000)
@@ -212,6 +215,25 @@ class DelayedEventService:
             await self.replayer.send_now(claimed)
             return
         counter.labels(generation, "ok").inc()
+
+    async def _restart(
+        self, requester: Requester | None, delay_id: str, owner: str | None, *, v1: bool, now: int
+    ) -> None:
+        """The heartbeat: batched with the restarts arriving at the same time (app.restarts)."""
+        generation = "B" if v1 else "A"
+        token = None
+        if requester is not None and self._keeps_tokens:
+            sealed = self._sealed(requester, now)
+            token = SealedToken(
+                requester.user_id, requester.device_id, sealed["token"], sealed["digest"]
+            )
+        if await self.restarts.restart(delay_id, owner, token):
+            metrics.RESTARTED.labels(generation, "ok").inc()
+            return
+        metrics.RESTARTED.labels(generation, "refused").inc()
+        async with self.engine.connect() as conn:
+            existing = await repo.get(conn, delay_id)
+        self._refuse(existing, owner, Action.RESTART, v1=v1, now=now)
 
     @staticmethod
     def _refuse(
