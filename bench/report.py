@@ -1,0 +1,171 @@
+"""Tables (Markdown) and plots (PNG) from a run's results."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+
+def _f(value: float, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if math.isinf(value):
+        return "∞ (saturated)"
+    return f"{value:,.{digits}f}"
+
+
+def tables(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [
+        f"Run {m['date']} at {m['commit']}: {m['nproc']} × {m['cpu']}, {m['memory_gib']} GiB, "
+        f"Python {m['python']}, Synapse {m['synapse']}"
+        f"{' (quick mode)' if results['quick'] else ''}; took {results['elapsed_s'] / 60:.1f} min.",
+        "",
+    ]
+    if "heartbeat" in results:
+        lines += _heartbeat(results["heartbeat"], results.get("baseline"))
+    if "bursts" in results:
+        lines += _bursts(results["bursts"], results["replay_concurrency"])
+    if "scale" in results:
+        lines += _scale(results["scale"])
+    return "\n".join(lines) + "\n"
+
+
+def _heartbeat(summary: dict[str, Any], baseline: str | None) -> list[str]:
+    lines = [
+        "### Heartbeat: POST …/delayed_events/{id}/restart",
+        "",
+        "| workload | target | ok req/s | p50 ms | p99 ms | p99.9 ms | errors | generator CPU |",
+        "|---|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    commands = []
+    for workload, by_target in summary.items():
+        for name, row in by_target.items():
+            lines.append(
+                f"| {workload} | {name} | {_f(row['rate'], 0)} | {_f(row['p50'], 2)} | "
+                f"{_f(row['p99'], 2)} | {_f(row['p99.9'], 2)} | {row['errors']} | "
+                f"{_f(row['generator_cpu'] * 100, 0)} % |"
+            )
+            commands.append(f"- {workload}, {name} (×{row['repeats']}): `{row['command']}`")
+    closed = [w for w in summary if w.startswith("closed")]
+    ratios = []
+    for workload in closed:
+        row = summary[workload]
+        before = f"sidecar at {baseline}"
+        if before in row:
+            ratios.append(
+                f"{workload}: sidecar {row['sidecar']['rate'] / row[before]['rate']:.1f}× "
+                f"the sidecar at {baseline}"
+            )
+        if "sidecar" in row and "native Synapse" in row:
+            ratios.append(
+                f"{workload}: sidecar {row['sidecar']['rate'] / row['native Synapse']['rate']:.1f}×"
+                f" native Synapse, via nginx "
+                f"{row['sidecar via nginx']['rate'] / row['native Synapse']['rate']:.1f}×"
+            )
+    lines += ["", "Restart throughput (closed loop): " + "; ".join(ratios) + ".", ""]
+    lines += ["Commands (targets files hold `PATH<TAB>TOKEN` lines):", "", *commands, ""]
+    return lines
+
+
+def _bursts(summary: dict[str, Any], concurrency: int) -> list[str]:
+    lines = [
+        "### Bursts: when delayed events reach a /sync client",
+        "",
+        f"Plain = the same events as ordinary sends straight to Synapse, {concurrency} at a time "
+        "(the sidecar's replay concurrency), sent when the first sidecar event is due. Lateness "
+        "= /sync arrival − due time; plain p50 / p99 = /sync arrival − start of the plain sends "
+        "(the homeserver's own floor). vs own ceiling = the longer of (due-time spread, plain "
+        "drain time) / the sidecar's drain time (first due → last arrival).",
+        "",
+        "| case | sidecar events/s | plain events/s | vs own ceiling | lateness p50 / p99 / max ms "
+        "| plain p50 / p99 ms | lost | duplicated | scheduled late |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for name, row in summary.items():
+        ceiling = f"{row['vs_ceiling'] * 100:.0f} %" if "vs_ceiling" in row else "—"
+        plain = _f(row.get("plain_rate", float("nan")), 0)
+        lines.append(
+            f"| {name} (×{row['repeats']}) | {_f(row['sidecar_rate'], 0)} | {plain} | {ceiling} | "
+            f"{_f(row['lateness_p50_ms'], 0)} / {_f(row['lateness_p99_ms'], 0)} / "
+            f"{_f(row['lateness_max_ms'], 0)} | {_f(row.get('plain_p50_ms', math.nan), 0)} / "
+            f"{_f(row.get('plain_p99_ms', math.nan), 0)} | {row['lost']} | {row['duplicated']} | "
+            f"{row['scheduled_late']} |"
+        )
+    lines.append("")
+    return lines
+
+
+def _scale(scale: dict[str, Any]) -> list[str]:
+    lines = [
+        f"### Scale: {scale['rows']:,} scheduled rows (bulk insert {scale['bulk_insert_s']:.0f} s)",
+        "",
+        "| table | start-up to /ready s | RSS at ready MB | RSS after load MB "
+        "| restart p50 / p99 ms at 300/s | errors |",
+        "|---|--:|--:|--:|--:|--:|",
+    ]
+    for database, row in scale["summary"].items():
+        label = "empty" if database.endswith("empty") else f"{scale['rows']:,} rows"
+        lines.append(
+            f"| {label} (×{row['repeats']}) | {_f(row['startup_s'], 2)} | "
+            f"{_f(row['rss_ready_mb'], 1)} | {_f(row['rss_after_mb'], 1)} | "
+            f"{_f(row['restart_p50'], 2)} / {_f(row['restart_p99'], 2)} | {row['errors']} |"
+        )
+    command = next(iter(scale["summary"].values()))["command"]
+    lines += ["", f"Restart load: `{command}`", ""]
+    return lines
+
+
+def plot(results: dict[str, Any], where: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    where.mkdir(parents=True, exist_ok=True)
+    if "heartbeat" in results:
+        summary = results["heartbeat"]
+        opens = [w for w in summary if w.startswith("open")]
+        rates = [int(w.split()[1].removesuffix("/s")) for w in opens]
+        fig, ax = plt.subplots(figsize=(8, 5))
+        colours = {
+            "sidecar": "tab:blue",
+            "sidecar via nginx": "tab:cyan",
+            f"sidecar at {results.get('baseline')}": "tab:purple",
+            "native Synapse": "tab:red",
+            "trivial FastAPI": "tab:gray",
+        }
+        for name, colour in colours.items():
+            for pct, style in (("p50", ":"), ("p99", "-")):
+                ys = [summary[w].get(name, {}).get(pct, float("nan")) for w in opens]
+                ys = [y if y is not None and math.isfinite(y) else float("nan") for y in ys]
+                ax.plot(rates, ys, style, marker="o", color=colour, label=f"{name} {pct}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(rates, [f"{r:,}" for r in rates])
+        ax.set_xlabel("offered restarts per second (open loop)")
+        ax.set_ylabel("latency from intended send time, ms")
+        ax.set_title("Heartbeat restart latency against offered rate (missing point = saturated)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8, ncol=2)
+        fig.tight_layout()
+        fig.savefig(where / "heartbeat-latency.png", dpi=110)
+        plt.close(fig)
+    if "bursts" in results:
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for name, row in results["bursts"].items():
+            values = [v * 1000 for v in row["lateness_s"]]
+            if not values:
+                continue
+            ys = [(i + 1) / len(values) for i in range(len(values))]
+            ax.plot(values, ys, label=name)
+        ax.set_xscale("symlog", linthresh=10)
+        ax.set_xlabel("lateness at a /sync client, ms (arrival − due time)")
+        ax.set_ylabel("fraction of events")
+        ax.set_title("Burst lateness, all repeats pooled")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(where / "burst-lateness.png", dpi=110)
+        plt.close(fig)
