@@ -259,6 +259,7 @@ def machine() -> dict[str, Any]:
         ],
         capture_output=True,
         text=True,
+        cwd="/",  # Synapse adds the git state of its working folder to its version
     ).stdout.strip()
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
