@@ -1,6 +1,8 @@
 """Bursts: N delayed events falling due together, watched from a client's /sync long-poll, against
 the homeserver's own rate for ordinary sends of the same events at the sidecar's replay
-concurrency, measured in the same run."""
+concurrency, measured in the same run, two ways: in no particular order (any event of any room,
+REPLAY_CONCURRENCY at a time), and in order as the sidecar replays them (one at a time per room,
+in send order, up to REPLAY_CONCURRENCY rooms side by side)."""
 
 from __future__ import annotations
 
@@ -128,24 +130,51 @@ class Bursts:
             "lateness_s": lateness,
         }
 
+    async def _send(self, case: Case, room: str, key: str) -> None:
+        if case.kind == "leave":
+            await self.hs.call(
+                "PUT",
+                f"/_matrix/client/v3/rooms/{q(room)}/state/{RTC_TYPE}/{q(key)}",
+                {},
+            )
+        else:
+            content = {"msgtype": "m.text", "body": f"plain {key}", "bench_key": key}
+            await self.hs.send_message(room, key, content)
+
     async def plain_run(self, case: Case) -> dict[str, Any]:
         """The same events as ordinary sends straight to the homeserver, REPLAY_CONCURRENCY at a
-        time: the rate the homeserver itself sustains, seen through the same /sync."""
+        time in no particular order: the rate the homeserver itself sustains, seen through the
+        same /sync."""
         run, plan = self._plan(case)
+        started = time.time()
+        await bounded(
+            REPLAY_CONCURRENCY, [lambda r=r, k=k: self._send(case, r, k) for r, k in plan]
+        )
+        return await self._plain_outcome(case, plan, started)
 
-        async def send(room: str, key: str) -> None:
-            if case.kind == "leave":
-                await self.hs.call(
-                    "PUT",
-                    f"/_matrix/client/v3/rooms/{q(room)}/state/{RTC_TYPE}/{q(key)}",
-                    {},
-                )
-            else:
-                content = {"msgtype": "m.text", "body": f"plain {key}", "bench_key": key}
-                await self.hs.send_message(room, key, content)
+    async def ordered_run(self, case: Case) -> dict[str, Any]:
+        """The same events as ordinary sends straight to the homeserver in the order the sidecar
+        keeps: within a room one at a time, each sent once the previous one is answered, in send
+        order; rooms side by side, at most REPLAY_CONCURRENCY of them at once."""
+        run, plan = self._plan(case)
+        by_room: dict[str, list[str]] = {}
+        for room, key in plan:
+            by_room.setdefault(room, []).append(key)
+
+        async def room_in_order(room: str, keys: list[str]) -> None:
+            for key in keys:
+                await self._send(case, room, key)
 
         started = time.time()
-        await bounded(REPLAY_CONCURRENCY, [lambda r=r, k=k: send(r, k) for r, k in plan])
+        await bounded(
+            REPLAY_CONCURRENCY,
+            [lambda r=r, ks=ks: room_in_order(r, ks) for r, ks in by_room.items()],
+        )
+        return await self._plain_outcome(case, plan, started)
+
+    async def _plain_outcome(
+        self, case: Case, plan: list[tuple[str, str]], started: float
+    ) -> dict[str, Any]:
         keys = [key for _, key in plan]
         arrived, lost, duplicates = await self._collect(keys, started + max(30.0, case.n / 20))
         drain = max(arrived.values(), default=float("nan")) - started

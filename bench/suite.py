@@ -158,10 +158,10 @@ async def bursts(services: Services, plan: Plan) -> dict[str, Any]:
     async with Bursts(services) as b:
         for rep in range(plan.reps):
             for case in plan.bursts:
-                for mode in rotated(["sidecar", "plain"], rep):
+                for mode in rotated(["sidecar", "plain", "ordered"], rep):
                     log(f"bursts rep {rep + 1}/{plan.reps}: {case.name} ({mode})")
-                    run = b.sidecar_run if mode == "sidecar" else b.plain_run
-                    outcome = await run(case)
+                    run = {"sidecar": b.sidecar_run, "plain": b.plain_run, "ordered": b.ordered_run}
+                    outcome = await run[mode](case)
                     results.setdefault(case.name, {}).setdefault(mode, []).append(outcome)
                     await asyncio.sleep(1.0)
     return results
@@ -186,14 +186,26 @@ def summarise_bursts(results: dict[str, dict[str, list[dict[str, Any]]]]) -> dic
             "lateness_max_ms": (pooled[-1] if pooled else float("nan")) * 1000,
             "lateness_s": pooled,
         }
+        # Two homeserver baselines: "plain" (unordered sends) and "ordered" (one at a time per
+        # room, in order, as the sidecar replays), each as the sidecar's rate against theirs,
+        # repeat by repeat (the runs of one repeat are interleaved).
+        for mode in ("plain", "ordered"):
+            if mode not in modes:
+                continue
+            base = modes[mode]
+            row[f"{mode}_rate"] = median([r["rate"] for r in base])
+            row[f"{mode}_drain_s"] = median([r["drain_s"] for r in base])
+            row[f"{mode}_lost"] = sum(r["lost"] for r in base)
+            row[f"{mode}_duplicated"] = sum(r["duplicated"] for r in base)
+            base_pooled = sorted(x for r in base for x in r["latency_s"])
+            row[f"{mode}_p50_ms"] = _pct(base_pooled, 50) * 1000
+            row[f"{mode}_p99_ms"] = _pct(base_pooled, 99) * 1000
+            row[f"{mode}_latency_s"] = base_pooled
+            row[f"vs_{mode}"] = median(
+                [s["rate"] / b["rate"] for s, b in zip(side, base, strict=False)]
+            )
         if "plain" in modes:
             plain = modes["plain"]
-            row["plain_rate"] = median([r["rate"] for r in plain])
-            row["plain_drain_s"] = median([r["drain_s"] for r in plain])
-            row["plain_lost"] = sum(r["lost"] for r in plain)
-            plain_pooled = sorted(x for r in plain for x in r["latency_s"])
-            row["plain_p50_ms"] = _pct(plain_pooled, 50) * 1000
-            row["plain_p99_ms"] = _pct(plain_pooled, 99) * 1000
             # The sidecar cannot finish before its last event is due (spread_s after the first),
             # nor faster than the homeserver takes the same sends: its drain time against the
             # longer of those two bounds, per repeat.
