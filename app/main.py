@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse
 
 from app.api import health, manage, proxy, schedule
 from app.api.deps import Container
+from app.api.heartbeat import HeartbeatMiddleware
 from app.api.middleware import MatrixEdgeMiddleware, RawPathMiddleware
 from app.auth import Authenticator
 from app.clock import Clock, SystemClock
@@ -135,6 +136,7 @@ def create_app(
     app.add_exception_handler(MatrixError, _matrix_error)  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_middleware(HeartbeatMiddleware)
     app.add_middleware(MatrixEdgeMiddleware)
     app.add_middleware(RawPathMiddleware)
     return app

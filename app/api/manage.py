@@ -33,7 +33,10 @@ async def _requester(request: Request, delay_id: str, *, v1: bool) -> Requester 
     return requester
 
 
-async def _act(request: Request, delay_id: str, action: Action, *, v1: bool) -> dict[str, Any]:
+async def split_action(
+    request: Request, delay_id: str, action: Action, *, v1: bool
+) -> dict[str, Any]:
+    """send, cancel or restart by the split path (`delay_id` still percent-encoded)."""
     delay_id = rq.path_segment(delay_id, "delay id")
     requester = await _requester(request, delay_id, v1=v1)
     c = container(request)
@@ -103,7 +106,7 @@ def _add_routes(prefix: str, v1: bool) -> None:
             parsed = Action(action)
         except ValueError:
             raise Unrecognized("Unrecognized request") from None
-        return await _act(request, delay_id, parsed, v1=v1)
+        return await split_action(request, delay_id, parsed, v1=v1)
 
     async def act_from_body(request: Request, delay_id: str) -> dict[str, Any]:
         return await _act_from_body(request, delay_id, v1=v1)

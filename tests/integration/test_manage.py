@@ -412,3 +412,20 @@ async def test_restart_after_transient_failure_starts_over(
     assert await run_due(app) == 0
     clock.advance(1)
     assert await run_due(app) == 1
+
+
+async def test_heartbeat_path_answers_only_restart_posts(client: httpx.AsyncClient) -> None:
+    delay_id = await schedule_message(client, 60_000)
+    r = await client.post(f"{UNSTABLE}/delayed_events/{delay_id}/restart", headers=ALICE)
+    assert r.status_code == 200
+    assert r.json() == {}
+    assert r.headers["content-type"] == "application/json"
+    assert r.headers["access-control-allow-origin"] == "*"
+    r = await client.post(f"{UNSTABLE}/delayed_events/{delay_id}/restart/more", headers=ALICE)
+    assert r.status_code == 404
+    assert r.json()["errcode"] == "M_UNRECOGNIZED"
+    r = await client.get(f"{UNSTABLE}/delayed_events/{delay_id}/restart", headers=ALICE)
+    assert r.json()["errcode"] == "M_UNRECOGNIZED"
+    r = await client.post(f"{UNSTABLE}/delayed_events/%ZZ/restart", headers=ALICE)
+    assert r.status_code == 400
+    assert r.json()["errcode"] == "M_INVALID_PARAM"

@@ -1,0 +1,60 @@
+"""The heartbeat's own path. MatrixRTC restarts every participant's delayed leave every few
+seconds, so `POST …/delayed_events/{delay_id}/restart` is answered here, ahead of the framework's
+routing, validation and serialisation, through the very same rules as the routed endpoint
+(`manage._act`). The routed endpoint stays declared for the API description."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from starlette.requests import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.api.manage import split_action
+from app.errors import MatrixError
+from app.service import Action
+
+_RESTART = re.compile(
+    r"^/_matrix/client/(?:(?P<v1>v1)|unstable/org\.matrix\.msc4140)/delayed_events/"
+    r"(?P<delay_id>[^/]+)/restart$"
+)
+_JSON = (b"content-type", b"application/json")
+
+
+class HeartbeatMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        match = _RESTART.match(scope["path"])
+        if match is None:
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope, receive)
+        try:
+            await split_action(
+                request, match["delay_id"], Action.RESTART, v1=match["v1"] is not None
+            )
+        except MatrixError as exc:
+            body = json.dumps(exc.body()).encode()
+            headers = [
+                (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items()
+            ]
+            await _answer(send, exc.status, body, headers)
+            return
+        await _answer(send, 200, b"{}", [])
+
+
+async def _answer(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [_JSON, (b"content-length", str(len(body)).encode()), *headers],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
