@@ -63,8 +63,9 @@ class NginxConfig:
         ]
 
 
-def render(prefix: Path, listen_port: int, homeserver_port: int, sidecar_port: int) -> NginxConfig:
-    """Write `prefix/nginx.conf` for a vhost on 127.0.0.1:`listen_port`."""
+def render(prefix: Path, listen_port: int, homeserver: int | str, sidecar_port: int) -> NginxConfig:
+    """Write `prefix/nginx.conf` for a vhost on 127.0.0.1:`listen_port`; `homeserver` is a port
+    on loopback or a `host:port`."""
     prefix = prefix.resolve()
     for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (prefix / "tmp" / sub).mkdir(parents=True, exist_ok=True)
@@ -78,7 +79,9 @@ def render(prefix: Path, listen_port: int, homeserver_port: int, sidecar_port: i
         "PREFIX": str(prefix),
         "DEPLOY_DIR": str(DEPLOY_DIR),
         "LISTEN_PORT": str(listen_port),
-        "HOMESERVER_PORT": str(homeserver_port),
+        "HOMESERVER_ADDRESS": homeserver
+        if isinstance(homeserver, str)
+        else f"127.0.0.1:{homeserver}",
         "SIDECAR_PORT": str(sidecar_port),
     }.items():
         text = text.replace(f"@{name}@", value)

@@ -87,6 +87,9 @@ class Stack:
     # with its token. The token is only held while starting.
     appservice: bool = False
     appservice_token: str | None = field(default=None, repr=False)
+    # A homeserver of the user's own (plain HTTP, e.g. http://127.0.0.1:8008) instead of a
+    # local Synapse.
+    external_homeserver: str | None = None
 
     @property
     def client_url(self) -> str:
@@ -94,6 +97,8 @@ class Stack:
 
     @property
     def homeserver_url(self) -> str:
+        if self.external_homeserver is not None:
+            return self.external_homeserver
         return f"http://127.0.0.1:{self.ports.homeserver}"
 
     @property
@@ -135,6 +140,7 @@ class Stack:
         data = {
             "ports": asdict(self.ports),
             "registration_shared_secret": self.registration_shared_secret,
+            "external_homeserver": self.external_homeserver,
             "processes": {name: asdict(proc) for name, proc in self.processes.items()},
         }
         path = self.dir / STATE_FILE
@@ -151,6 +157,7 @@ class Stack:
             dir=directory,
             ports=Ports(**data["ports"]),
             registration_shared_secret=data["registration_shared_secret"],
+            external_homeserver=data.get("external_homeserver"),
             processes={name: Process(**proc) for name, proc in data["processes"].items()},
         )
 
@@ -164,6 +171,7 @@ class Stack:
         log: TextIO = sys.stderr,
         *,
         appservice: bool = False,
+        homeserver_url: str | None = None,
     ) -> Stack:
         """Start everything in `directory` and wait until it answers; stop it all on failure."""
         directory = directory.resolve()
@@ -171,14 +179,26 @@ class Stack:
         existing = cls.load(directory)
         if existing is not None and any(existing.running().values()):
             raise AlreadyRunning(existing)
-        stack = cls(dir=directory, ports=ports or Ports.from_env(), appservice=appservice)
-        taken = [str(p) for p in asdict(stack.ports).values() if not procs.port_is_free(p)]
+        external = _plain_http(homeserver_url) if homeserver_url else None
+        if external is not None and appservice:
+            raise StackError("--appservice needs the local Synapse (it loads the registration)")
+        stack = cls(
+            dir=directory,
+            ports=ports or Ports.from_env(),
+            appservice=appservice,
+            external_homeserver=external,
+        )
+        needed = asdict(stack.ports)
+        if external is not None:
+            del needed["homeserver"]
+        taken = [str(p) for p in needed.values() if not procs.port_is_free(p)]
         if taken:
             raise StackError(f"port(s) already in use on 127.0.0.1: {', '.join(taken)}")
         stack._fresh_dirs()
         try:
             stack._start_postgres(log)
-            stack._start_synapse(log)
+            if external is None:
+                stack._start_synapse(log)
             stack._start_sidecar(log)
             stack._start_nginx(log)
         except BaseException:
@@ -284,9 +304,10 @@ class Stack:
 
     def _start_nginx(self, log: TextIO) -> None:
         print(f"starting nginx on {self.client_url}", file=log)
-        config = nginx.render(
-            self.dir / "nginx", self.ports.client, self.ports.homeserver, self.ports.sidecar
-        )
+        homeserver: int | str = self.ports.homeserver
+        if self.external_homeserver is not None:
+            homeserver = self.external_homeserver.removeprefix("http://")
+        config = nginx.render(self.dir / "nginx", self.ports.client, homeserver, self.ports.sidecar)
         process = nginx.start(config)
         self._record("nginx", process.pid, nginx.MARKER)
         self._wait("nginx", f"{self.client_url}/_matrix/client/versions", 30.0, config.error_log)
@@ -328,6 +349,18 @@ class Stack:
         (self.dir / STATE_FILE).unlink(missing_ok=True)
 
 
+def _plain_http(url: str) -> str:
+    """A homeserver URL nginx and the sidecar can both use: http://host:port, nothing after."""
+    url = url.rstrip("/")
+    host_port = url.removeprefix("http://")
+    if not url.startswith("http://") or "/" in host_port or ":" not in host_port:
+        raise StackError(
+            f"--homeserver-url must look like http://HOST:PORT (the homeserver's plain-HTTP "
+            f"client listener), not {url!r}"
+        )
+    return url
+
+
 class AlreadyRunning(StackError):
     def __init__(self, stack: Stack) -> None:
         super().__init__(f"a stack is already running in {stack.dir} (scripts/stack down stops it)")
@@ -360,6 +393,11 @@ def _parser() -> argparse.ArgumentParser:
             help=f"default {getattr(defaults, name)} (or $STACK_{name.upper()}_PORT)",
         )
     up.add_argument(
+        "--homeserver-url",
+        default=os.environ.get("STACK_HOMESERVER_URL"),
+        help="use this homeserver (http://HOST:PORT) instead of starting a local Synapse",
+    )
+    up.add_argument(
         "--appservice",
         action="store_true",
         help="application-service mode: Synapse loads the sidecar's registration",
@@ -383,7 +421,9 @@ def main(argv: list[str] | None = None) -> int:
             ports = Ports(
                 args.client_port, args.homeserver_port, args.sidecar_port, args.postgres_port
             )
-            stack = Stack.up(directory, ports, appservice=args.appservice)
+            stack = Stack.up(
+                directory, ports, appservice=args.appservice, homeserver_url=args.homeserver_url
+            )
             print("\n".join(stack.env_lines()))
             print(
                 f"stack is up; logs under {directory}; `scripts/stack down` stops it",

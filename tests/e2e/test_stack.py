@@ -4,13 +4,18 @@ are the ones answering."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
-from devstack.procs import http_ok
+from devstack.matrix import Account
+from devstack.procs import StackError, http_ok
 from devstack.stack import AlreadyRunning, Ports, Stack
+
+from tests.e2e.support import DELAY, Room, call, poll
 
 pytestmark = pytest.mark.e2e
 
@@ -52,3 +57,43 @@ def test_the_sidecar_health_port_is_not_the_public_one(stack: Stack) -> None:
     assert http_ok(f"{stack.sidecar_url}/health")
     assert not http_ok(f"{stack.client_url}/health")
     assert not http_ok(f"{stack.client_url}/metrics")
+
+
+def test_up_with_a_given_homeserver_starts_no_synapse_and_uses_it(
+    stack: Stack, alice: Account
+) -> None:
+    # PostgreSQL runs as its own account, so the folder must be reachable by it.
+    directory = Path(tempfile.mkdtemp(prefix="sidecar-given-hs-"))
+    directory.chmod(0o755)
+    given = Stack.up(directory, Ports.free(), homeserver_url=stack.homeserver_url)
+    try:
+        assert "synapse" not in given.processes
+        assert given.homeserver_url == stack.homeserver_url
+        created = call(
+            given.client_url, "POST", "/_matrix/client/v3/createRoom", {}, token=alice.access_token
+        )
+        assert created.status == 200, created
+        room = Room(
+            given.client_url, stack.homeserver_url, alice.access_token, created.json()["room_id"]
+        )
+        scheduled = call(
+            given.client_url,
+            "PUT",
+            f"/_matrix/client/v3/{room.path}/send/org.example.given/t1?{DELAY}=500",
+            {"body": "through the given homeserver"},
+            token=alice.access_token,
+        )
+        assert scheduled.status == 200, scheduled
+        event = poll(lambda: room.find_event("org.example.given"), 30, "the delayed event")
+        assert event["sender"] == alice.user_id
+    finally:
+        given.down()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    "url", ["https://hs.example:443", "http://hs.example", "hs:8008", "http://h:1/x"]
+)
+def test_a_homeserver_url_must_be_plain_http_host_and_port(url: str, tmp_path: Path) -> None:
+    with pytest.raises(StackError, match="--homeserver-url must look like"):
+        Stack.up(tmp_path / "refused", Ports.free(), homeserver_url=url)
