@@ -3,37 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import httpx
 import pytest
 
 from tests.integration.common import ALICE, assert_error, bearer
-from tests.support.fakes import FakeClock, FakeHomeserver
+from tests.support.fakes import FakeHomeserver
 
 VERSIONS = "/_matrix/client/versions"
 Answer = Callable[[httpx.Request], httpx.Response]
-
-
-@dataclass
-class DiscoveryHomeserver(FakeHomeserver):
-    """A homeserver whose answers on some paths the test chooses."""
-
-    answers: dict[str, Answer] = field(default_factory=dict)
-
-    def handle(self, request: httpx.Request) -> httpx.Response:
-        answer = self.answers.get(request.url.path)
-        if answer is None:
-            return super().handle(request)
-        self.requests.append(request)
-        return answer(request)
-
-
-@pytest.fixture
-def homeserver(clock: FakeClock) -> DiscoveryHomeserver:
-    hs = DiscoveryHomeserver(clock)
-    hs.add_user("alice_token", "@alice:test", "ALICEDEV")
-    return hs
 
 
 def last_forwarded(homeserver: FakeHomeserver, path: str) -> httpx.Request:
@@ -90,15 +68,13 @@ async def test_versions_garbled(
     assert_error(await client.get(VERSIONS), 502, "M_UNKNOWN")
 
 
-async def test_versions_not_json(
-    client: httpx.AsyncClient, homeserver: DiscoveryHomeserver
-) -> None:
+async def test_versions_not_json(client: httpx.AsyncClient, homeserver: FakeHomeserver) -> None:
     homeserver.answers[VERSIONS] = lambda request: httpx.Response(200, content=b"<html>")
     assert_error(await client.get(VERSIONS), 502, "M_UNKNOWN")
 
 
 async def test_versions_homeserver_error_passes_through(
-    client: httpx.AsyncClient, homeserver: DiscoveryHomeserver
+    client: httpx.AsyncClient, homeserver: FakeHomeserver
 ) -> None:
     homeserver.answers[VERSIONS] = lambda request: httpx.Response(
         503, json={"errcode": "M_UNKNOWN", "error": "starting"}, headers={"X-Hs": "1"}
@@ -110,7 +86,7 @@ async def test_versions_homeserver_error_passes_through(
 
 
 async def test_versions_homeserver_unreachable(
-    client: httpx.AsyncClient, homeserver: DiscoveryHomeserver
+    client: httpx.AsyncClient, homeserver: FakeHomeserver
 ) -> None:
     def unreachable(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("refused", request=request)
@@ -121,7 +97,7 @@ async def test_versions_homeserver_unreachable(
 
 @pytest.mark.parametrize("version", ["v3", "r0"])
 async def test_capabilities_adds_delayed_events(
-    client: httpx.AsyncClient, homeserver: DiscoveryHomeserver, version: str
+    client: httpx.AsyncClient, homeserver: FakeHomeserver, version: str
 ) -> None:
     homeserver.answers[f"/_matrix/client/{version}/capabilities"] = lambda request: httpx.Response(
         200,

@@ -5,7 +5,6 @@ paths), never a crash, and a replay is never left failing forever."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import httpx
 import pytest
@@ -19,27 +18,6 @@ Answer = Callable[[httpx.Request], httpx.Response]
 VERSIONS = "/_matrix/client/versions"
 CAPABILITIES = "/_matrix/client/v3/capabilities"
 WHOAMI = "/_matrix/client/v3/account/whoami"
-
-
-@dataclass
-class ScriptedHomeserver(FakeHomeserver):
-    """A homeserver whose answers on some paths the test chooses."""
-
-    answers: dict[str, Answer] = field(default_factory=dict)
-
-    def handle(self, request: httpx.Request) -> httpx.Response:
-        answer = self.answers.get(request.url.path)
-        if answer is None:
-            return super().handle(request)
-        self.requests.append(request)
-        return answer(request)
-
-
-@pytest.fixture
-def homeserver(clock: FakeClock) -> ScriptedHomeserver:
-    hs = ScriptedHomeserver(clock)
-    hs.add_user("alice_token", "@alice:test", "ALICEDEV")
-    return hs
 
 
 def closes(request: httpx.Request) -> httpx.Response:
@@ -66,7 +44,7 @@ GARBLED = {
 @pytest.mark.parametrize("path", [VERSIONS, CAPABILITIES])
 @pytest.mark.parametrize("answer", GARBLED.values(), ids=GARBLED.keys())
 async def test_garbled_discovery_is_a_502(
-    client: httpx.AsyncClient, homeserver: ScriptedHomeserver, path: str, answer: Answer
+    client: httpx.AsyncClient, homeserver: FakeHomeserver, path: str, answer: Answer
 ) -> None:
     homeserver.answers[path] = answer
     r = await client.get(path, headers=ALICE)
@@ -83,7 +61,7 @@ async def test_garbled_discovery_is_a_502(
     ],
 )
 async def test_wrong_types_in_discovery_are_repaired(
-    client: httpx.AsyncClient, homeserver: ScriptedHomeserver, path: str, body: bytes
+    client: httpx.AsyncClient, homeserver: FakeHomeserver, path: str, body: bytes
 ) -> None:
     homeserver.answers[path] = fixed(200, body)
     r = await client.get(path, headers=ALICE)
@@ -110,7 +88,7 @@ WHOAMI_GARBLED = {
 
 @pytest.mark.parametrize("answer", WHOAMI_GARBLED.values(), ids=WHOAMI_GARBLED.keys())
 async def test_garbled_whoami_is_a_502_and_stores_nothing(
-    client: httpx.AsyncClient, app: FastAPI, homeserver: ScriptedHomeserver, answer: Answer
+    client: httpx.AsyncClient, app: FastAPI, homeserver: FakeHomeserver, answer: Answer
 ) -> None:
     homeserver.answers[WHOAMI] = answer
     r = await client.put(send_path() + f"?{DELAY}=1000", json={}, headers=ALICE)
@@ -121,7 +99,7 @@ async def test_garbled_whoami_is_a_502_and_stores_nothing(
 
 
 async def test_device_id_of_a_wrong_type_is_no_device(
-    client: httpx.AsyncClient, app: FastAPI, homeserver: ScriptedHomeserver
+    client: httpx.AsyncClient, app: FastAPI, homeserver: FakeHomeserver
 ) -> None:
     homeserver.answers[WHOAMI] = fixed(200, b'{"user_id": "@alice:test", "device_id": 7}')
     r = await client.put(send_path() + f"?{DELAY}=1000", json={}, headers=ALICE)
@@ -130,7 +108,7 @@ async def test_device_id_of_a_wrong_type_is_no_device(
 
 
 async def test_pass_through_to_a_homeserver_that_closes(
-    client: httpx.AsyncClient, homeserver: ScriptedHomeserver
+    client: httpx.AsyncClient, homeserver: FakeHomeserver
 ) -> None:
     homeserver.answers["/_matrix/client/v3/rooms/!room:test/send/m.room.message/t1"] = closes
     r = await client.put(send_path(), json={"body": "now"}, headers=ALICE)
@@ -152,7 +130,7 @@ async def test_garbled_replay_answer_is_recorded(
     client: httpx.AsyncClient,
     app: FastAPI,
     clock: FakeClock,
-    homeserver: ScriptedHomeserver,
+    homeserver: FakeHomeserver,
     answer: httpx.Response | Exception,
 ) -> None:
     """A replay ends as sent or failed (or waits for a retry), with a Matrix error recorded; it

@@ -46,6 +46,8 @@ class FakeHomeserver:
         default_factory=lambda: {"versions": ["v1.11"], "unstable_features": {"x.y": True}}
     )
     appservice_token: str | None = None
+    # Answers the test chooses, by path, ahead of everything else.
+    answers: dict[str, Callable[[httpx.Request], httpx.Response]] = field(default_factory=dict)
     _next_event: int = 0
 
     def add_user(self, token: str, user_id: str, device_id: str | None = "DEVICE") -> None:
@@ -71,6 +73,10 @@ class FakeHomeserver:
         return self.tokens.get(token)
 
     def handle(self, request: httpx.Request) -> httpx.Response:
+        scripted = self.answers.get(request.url.path)
+        if scripted is not None:
+            self.requests.append(request)
+            return scripted(request)
         try:
             return self._handle(request)
         except _UnknownDevice:
