@@ -112,26 +112,6 @@ def _owned(delay_id: str, user_id: str | None) -> Any:
     return and_(condition, T.user_id == user_id) if user_id is not None else condition
 
 
-async def restart(
-    conn: AsyncConnection, delay_id: str, user_id: str | None, now: int
-) -> int | None:
-    """Start the delay again from `now`; the new send time, or None if the event can't restart."""
-    result = await conn.execute(
-        update(delayed_event)
-        .where(_owned(delay_id, user_id), T.status == SCHEDULED, _not_in_flight(now))
-        .values(
-            send_ts=now + T.delay_ms,
-            due_ts=now + T.delay_ms,
-            claim_id=None,
-            attempts=0,
-            first_failure_ts=None,
-        )
-        .returning(T.send_ts)
-    )
-    send_ts: int | None = result.scalar_one_or_none()
-    return send_ts
-
-
 _RESTART_MANY = text(
     """
     WITH refreshed AS (
@@ -157,7 +137,8 @@ async def restart_many(
     tokens: dict[tuple[str, str | None], tuple[bytes, bytes]],
     now: int,
 ) -> set[tuple[str, str]]:
-    """`restart` for many (delay_id, owner or None) at once, and `refresh_token` for many
+    """Start the delay of many (delay_id, owner or None) again from `now` (only scheduled events
+    no claim holds, owned by `owner` when given), and `refresh_token` for many
     {(user, device): (sealed token, digest)}, in one statement (atomic on its own); the
     (delay_id, user_id) of each event restarted. Rows are taken in key order, so two batches
     never wait on each other crosswise."""

@@ -186,15 +186,11 @@ class DelayedEventService:
         generation = "B" if v1 else "A"
         owner = requester.user_id if requester is not None else None
         now = self.clock.now_ms()
-        counter = {
-            Action.SEND: metrics.SENT,
-            Action.CANCEL: metrics.CANCELLED,
-            Action.RESTART: metrics.RESTARTED,
-        }[action]
-        claimed: DelayedEvent | None = None
         if action is Action.RESTART:
             await self._restart(requester, delay_id, owner, v1=v1, now=now)
             return
+        counter = metrics.SENT if action is Action.SEND else metrics.CANCELLED
+        claimed: DelayedEvent | None = None
         async with self.engine.begin() as conn:
             if action is Action.CANCEL:
                 done = await repo.cancel(conn, delay_id, owner, now)
@@ -202,10 +198,8 @@ class DelayedEventService:
                 lease = int(self.settings.claim_lease_seconds * 1000)
                 claimed = await repo.claim_one(conn, delay_id, owner, now, lease)
                 done = claimed is not None
-            if requester is not None and self._keeps_tokens:
-                await repo.refresh_token(
-                    conn, requester.user_id, requester.device_id, **self._sealed(requester, now)
-                )
+            if requester is not None:
+                await self._refresh_token(conn, requester)
             existing = None if done else await repo.get(conn, delay_id)
         if not done:
             counter.labels(generation, "refused").inc()
