@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import random
-from collections.abc import Iterable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,26 +98,39 @@ class Replayer:
         blobs: dict[tuple[str, str | None], bytes],
         keeper: _ClaimKeeper,
     ) -> None:
-        # Rooms are replayed side by side; within a room, strictly in send-time order, so a later
-        # delayed state event never lands before an earlier one.
+        # Rooms are replayed side by side; within a room, strictly in send-time order: an event is
+        # sent once the homeserver has answered the previous one, so a later event never lands
+        # before an earlier one. What the room waits for is only that answer: the outcomes of sent
+        # events are written in the background (`_OutcomeWriter`), and the newer-state checks of
+        # its state events are made a few events ahead (`_StateChecks`).
         by_room: dict[str, list[DelayedEvent]] = {}
         for event in events:
             by_room.setdefault(event.room_id, []).append(event)
         slots = asyncio.Semaphore(self.settings.replay_concurrency)
+        writer = _OutcomeWriter(self)
 
-        async def room_worker(room_events: Iterable[DelayedEvent]) -> None:
+        async def room_worker(room_events: list[DelayedEvent]) -> None:
             async with slots:
-                for event in room_events:
-                    if not await keeper.still_ours(event):
-                        continue  # another replica took it over; it replays it from here
-                    credential = self._credential(event, blobs)
-                    try:
-                        await self._replay_on_timeout(event, credential)
-                    except Exception:
-                        # The claim's lease runs out and the row falls due again.
-                        logger.exception("replay of %s failed unexpectedly", log_id(event.delay_id))
+                checks = _StateChecks(self, room_events, blobs)
+                try:
+                    for event in room_events:
+                        if not await keeper.still_ours(event):
+                            continue  # another replica took it over; it replays it from here
+                        credential = self._credential(event, blobs)
+                        try:
+                            await self._replay_on_timeout(event, credential, writer, checks)
+                        except Exception:
+                            # The claim's lease runs out and the row falls due again.
+                            logger.exception(
+                                "replay of %s failed unexpectedly", log_id(event.delay_id)
+                            )
+                finally:
+                    checks.close()
 
-        await asyncio.gather(*(room_worker(group) for group in by_room.values()))
+        try:
+            await asyncio.gather(*(room_worker(group) for group in by_room.values()))
+        finally:
+            await writer.close()
 
     def _credential(
         self, event: DelayedEvent, blobs: dict[tuple[str, str | None], bytes]
@@ -139,10 +152,21 @@ class Replayer:
                 blobs = await repo.load_tokens(conn, {(event.user_id, event.device_id)})
         return self._credential(event, blobs)
 
-    async def attempt(self, event: DelayedEvent, credential: Credential) -> Attempt:
-        """One try at sending `event` to the homeserver."""
-        if event.state_key is not None and self.settings.cancel_on_newer_state:
-            newer = await self._newer_state(event, credential)
+    def checks_newer_state(self, event: DelayedEvent) -> bool:
+        return event.state_key is not None and self.settings.cancel_on_newer_state
+
+    async def attempt(
+        self,
+        event: DelayedEvent,
+        credential: Credential,
+        newer_state: Awaitable[NewerState | None] | None = None,
+    ) -> Attempt:
+        """One try at sending `event` to the homeserver (`newer_state`: its newer-state check, if
+        already started)."""
+        if self.checks_newer_state(event):
+            if newer_state is None:
+                newer_state = self._newer_state(event, credential)
+            newer = await newer_state
             if newer is not None:
                 return newer
         started = asyncio.get_running_loop().time()
@@ -185,7 +209,13 @@ class Replayer:
             return None
         return NewerState()
 
-    async def _replay_on_timeout(self, event: DelayedEvent, credential: Credential | None) -> None:
+    async def _replay_on_timeout(
+        self,
+        event: DelayedEvent,
+        credential: Credential | None,
+        writer: _OutcomeWriter,
+        checks: _StateChecks,
+    ) -> None:
         if credential is None:
             await self._finalise_failed(
                 event,
@@ -195,30 +225,28 @@ class Replayer:
                 },
             )
             return
-        outcome = await self.attempt(event, credential)
-        await self.record(event, outcome, reason="delay")
+        outcome = await self.attempt(event, credential, checks.take(event))
+        if isinstance(outcome, Sent):
+            writer.put(repo.SentOutcome(event, outcome.event_id, "delay", self.clock.now_ms()))
+        else:
+            await self.record(event, outcome, reason="delay")
 
     async def record(self, event: DelayedEvent, outcome: Attempt, *, reason: str) -> None:
         """Write the outcome of an attempt back under the event's claim."""
         now = self.clock.now_ms()
-        gen = event.generation
         if isinstance(outcome, Sent):
             async with self.engine.begin() as conn:
                 done = await repo.finalise(
                     conn, event, status=SENT, reason=reason, now=now, event_id=outcome.event_id
                 )
-            metrics.SENT.labels(gen, reason).inc()
-            if reason == "delay":
-                metrics.LATENESS_SECONDS.observe(max(0, now - event.send_ts) / 1000)
-            if not done:
-                logger.warning("sent %s, but its claim had lapsed", log_id(event.delay_id))
+            count_sent(event, reason, now, done=done)
         elif isinstance(outcome, NewerState):
             error = {"errcode": CANCELLED_BY_STATE, "error": "Cancelled by newer state"}
             async with self.engine.begin() as conn:
                 await repo.finalise(
                     conn, event, status=CANCELLED, reason="error", now=now, error=json.dumps(error)
                 )
-            metrics.CANCELLED.labels(gen, "newer_state").inc()
+            metrics.CANCELLED.labels(event.generation, "newer_state").inc()
         elif isinstance(outcome, Refused):
             logger.info(
                 "homeserver refused %s: %s %s",
@@ -301,6 +329,119 @@ class Replayer:
     async def _release(self, event: DelayedEvent) -> None:
         async with self.engine.begin() as conn:
             await repo.release(conn, event)
+
+
+def count_sent(event: DelayedEvent, reason: str, sent_at: int, *, done: bool) -> None:
+    metrics.SENT.labels(event.generation, reason).inc()
+    if reason == "delay":
+        metrics.LATENESS_SECONDS.observe(max(0, sent_at - event.send_ts) / 1000)
+    if not done:
+        logger.warning("sent %s, but its claim had lapsed", log_id(event.delay_id))
+
+
+class _OutcomeWriter:
+    """Writes the outcomes of a batch's sent events in the background, as many to a statement as
+    have come in meanwhile, while each room goes on with its next event.
+
+    Sending on before an outcome is committed keeps every guarantee: a message repeated after a
+    crash carries the same transaction id and lands once, in its place; and the next delayed state
+    event for the same (room, type, state_key) can't be claimed before this one's outcome is
+    committed (`repo.claim_due`), so per-key order does not depend on this writer. A write that
+    fails leaves the rows claimed; their lease runs out and they are replayed (as the same
+    events). The batch ends, and the next claim is made, only once every outcome is written.
+    Refusals and retries are written by the room itself, before it goes on."""
+
+    def __init__(self, replayer: Replayer) -> None:
+        self._engine = replayer.engine
+        self._queue: list[repo.SentOutcome] = []
+        self._ready = asyncio.Event()
+        self._closing = False
+        self._task = asyncio.create_task(self._run())
+
+    def put(self, outcome: repo.SentOutcome) -> None:
+        self._queue.append(outcome)
+        self._ready.set()
+
+    async def close(self) -> None:
+        self._closing = True
+        self._ready.set()
+        await self._task
+
+    async def _run(self) -> None:
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            while self._queue:
+                outcomes, self._queue = self._queue, []
+                await self._write(outcomes)
+            if self._closing:
+                return
+
+    async def _write(self, outcomes: list[repo.SentOutcome]) -> None:
+        try:
+            async with self._engine.begin() as conn:
+                done = await repo.finalise_sent_many(conn, outcomes)
+        except Exception:
+            logger.exception(
+                "writing the outcome of %d sent events failed; they are replayed when their "
+                "claim lapses",
+                len(outcomes),
+            )
+            return
+        for outcome in outcomes:
+            count_sent(
+                outcome.event, outcome.reason, outcome.ts, done=outcome.event.delay_id in done
+            )
+
+
+class _StateChecks:
+    """The newer-state checks of a room's delayed state events, started a few events ahead of
+    their sends, so that a room of state events waits for one homeserver answer per event (the
+    send's), not two. A claimed batch holds at most one event per (room, type, state_key), so no
+    earlier send of the batch changes what a check reads."""
+
+    AHEAD = 4
+
+    def __init__(
+        self,
+        replayer: Replayer,
+        events: list[DelayedEvent],
+        blobs: dict[tuple[str, str | None], bytes],
+    ) -> None:
+        self._replayer = replayer
+        self._blobs = blobs
+        self._events = [e for e in events if replayer.checks_newer_state(e)]
+        self._index = {e.delay_id: i for i, e in enumerate(self._events)}
+        self._tasks: dict[str, asyncio.Task[NewerState | None]] = {}
+
+    def take(self, event: DelayedEvent) -> Awaitable[NewerState | None] | None:
+        """The check for `event` (started now if it wasn't), and the next ones started."""
+        at = self._index.get(event.delay_id)
+        if at is None:
+            return None
+        for ahead in self._events[at : at + 1 + self.AHEAD]:
+            if ahead.delay_id not in self._tasks:
+                self._start(ahead)
+        return self._tasks.pop(event.delay_id, None)
+
+    def _start(self, event: DelayedEvent) -> None:
+        credential = self._replayer._credential(event, self._blobs)
+        if credential is None:
+            return  # finalised as failed without a send; nothing to check
+        task = asyncio.create_task(self._replayer._newer_state(event, credential))
+        task.add_done_callback(_retrieve)
+        self._tasks[event.delay_id] = task
+
+    def close(self) -> None:
+        """Stop the checks of events that were not sent (taken over by another replica)."""
+        for task in self._tasks.values():
+            task.cancel()
+        self._tasks.clear()
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # awaited by its event, or dropped with it: never reported as lost
 
 
 class _ClaimKeeper:

@@ -268,6 +268,74 @@ async def finalise(
     return True
 
 
+_FINALISE_SENT_MANY = text(
+    """
+    UPDATE delayed_event AS e
+    SET status = :sent, reason = s.reason, event_id = s.event_id, error = NULL,
+        finalised_ts = s.ts, due_ts = NULL, claim_id = NULL
+    FROM unnest(CAST(:delay_ids AS text[]), CAST(:claim_ids AS text[]),
+                CAST(:event_ids AS text[]), CAST(:reasons AS text[]), CAST(:ts AS bigint[]))
+         AS s (delay_id, claim_id, event_id, reason, ts)
+    WHERE e.delay_id = s.delay_id AND e.claim_id = s.claim_id AND e.status = :scheduled
+    RETURNING e.delay_id
+    """
+)
+
+_FORGET_UNUSED_TOKENS = text(
+    """
+    DELETE FROM device_token AS d
+    USING unnest(CAST(:users AS text[]), CAST(:devices AS text[])) AS t (user_id, device_id)
+    WHERE d.user_id = t.user_id AND d.device_id = t.device_id
+      AND NOT EXISTS (
+        SELECT 1 FROM delayed_event AS e
+        WHERE e.user_id = d.user_id AND coalesce(e.device_id, '') = d.device_id
+          AND e.status = :scheduled
+      )
+    """
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SentOutcome:
+    """A replay the homeserver took: the row to finalise, under the claim that sent it."""
+
+    event: DelayedEvent
+    event_id: str
+    reason: str
+    ts: int
+
+
+async def finalise_sent_many(conn: AsyncConnection, outcomes: list[SentOutcome]) -> set[str]:
+    """`finalise` many sent events as `sent` in one statement, each only if the claim that sent
+    it still holds its row, then forget the tokens none of their devices needs any more; the
+    delay_ids finalised. Rows and devices are taken in key order, so two writers never wait on
+    each other crosswise."""
+    ordered = sorted(outcomes, key=lambda o: o.event.delay_id)
+    result = await conn.execute(
+        _FINALISE_SENT_MANY,
+        {
+            "sent": SENT,
+            "scheduled": SCHEDULED,
+            "delay_ids": [o.event.delay_id for o in ordered],
+            "claim_ids": [o.event.claim_id for o in ordered],
+            "event_ids": [o.event_id for o in ordered],
+            "reasons": [o.reason for o in ordered],
+            "ts": [o.ts for o in ordered],
+        },
+    )
+    done = set(result.scalars())
+    devices = sorted({(o.event.user_id, o.event.device_id or "") for o in ordered})
+    await conn.execute(
+        _FORGET_UNUSED_TOKENS,
+        {
+            "scheduled": SCHEDULED,
+            "users": [user for user, _ in devices],
+            "devices": [device for _, device in devices],
+        },
+    )
+    return done
+
+
 async def renew_claim(
     conn: AsyncConnection, claim_id: str, delay_ids: list[str], due_ts: int
 ) -> set[str]:

@@ -1,0 +1,242 @@
+"""A room waits only for the homeserver's answers: outcomes of sent events are written in the
+background, many to a statement, and newer-state checks run a few events ahead of the sends. The
+order, the claim rules and exactly-once hold all the same."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import text
+
+from app import repository as repo
+from app.main import create_app
+from tests.conftest import make_settings
+from tests.integration.common import (
+    ALICE,
+    ROOM,
+    get_event,
+    rows,
+    run_due,
+    schedule_message,
+    schedule_state,
+)
+from tests.support.fakes import FakeClock, FakeHomeserver
+
+MEMBER = "m.call.member"
+
+
+def _kinds(homeserver: FakeHomeserver) -> list[tuple[str, str]]:
+    """(method, last path segment) of every room request, in arrival order."""
+    seen = []
+    for r in homeserver.requests:
+        path = r.url.raw_path.decode().partition("?")[0]
+        if "/rooms/" in path:
+            seen.append((r.method, path.rsplit("/", 1)[-1]))
+    return seen
+
+
+async def test_outcomes_of_a_room_are_written_together_and_in_order(
+    client: httpx.AsyncClient,
+    app: FastAPI,
+    clock: FakeClock,
+    homeserver: FakeHomeserver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ids = [await schedule_message(client, 1000 + n, txn=f"t{n}") for n in range(6)]
+    writes: list[list[str]] = []
+    write = repo.finalise_sent_many
+
+    async def recording(conn: Any, outcomes: list[repo.SentOutcome]) -> set[str]:
+        writes.append([o.event.delay_id for o in outcomes])
+        return await write(conn, outcomes)
+
+    monkeypatch.setattr(repo, "finalise_sent_many", recording)
+    clock.advance(2000)
+    assert await run_due(app) == 6
+    # Sent one after the other, in send-time order...
+    sent = [r.url.raw_path.decode().rsplit("/", 1)[-1] for r in homeserver.replays()]
+    assert sent == [f"msc4140.{delay_id}" for delay_id in ids]
+    # ...every outcome written exactly once, in fewer statements than events when the room
+    # outran the writer (never more than one per event).
+    written = [delay_id for batch in writes for delay_id in batch]
+    assert sorted(written) == sorted(ids)
+    assert 1 <= len(writes) <= 6
+    for delay_id in ids:
+        item = await get_event(client, delay_id)
+        assert item["outcome"] == "send"
+        assert item["event_id"].startswith("$event")
+    # The device's token was needed by nothing once all were sent: it is gone.
+    async with app.state.container.engine.connect() as conn:
+        left = (await conn.execute(text("SELECT count(*) FROM device_token"))).scalar_one()
+    assert left == 0
+
+
+async def test_a_failed_outcome_write_replays_the_events_once_the_lease_lapses(
+    client: httpx.AsyncClient,
+    app: FastAPI,
+    clock: FakeClock,
+    homeserver: FakeHomeserver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ids = [await schedule_message(client, 1000, txn=f"t{n}") for n in range(3)]
+    write = repo.finalise_sent_many
+    failures = [ConnectionError("database went away")]
+
+    async def flaky(conn: Any, outcomes: list[repo.SentOutcome]) -> set[str]:
+        if failures:
+            raise failures.pop()
+        return await write(conn, outcomes)
+
+    monkeypatch.setattr(repo, "finalise_sent_many", flaky)
+    clock.advance(1000)
+    await run_due(app)
+    stuck = [r for r in await rows(app) if r["status"] == "scheduled"]
+    assert stuck, "the failed write left its events claimed, not finalised"
+    assert all(r["claim_id"] is not None for r in stuck)
+    # Nothing is due until the claim's lease runs out; then they are replayed with the same
+    # transaction ids, and the homeserver takes them as the same events.
+    assert await run_due(app) == 0
+    clock.advance(int(app.state.container.settings.claim_lease_seconds * 1000))
+    assert await run_due(app) == len(stuck)
+    assert len(homeserver.messages) == 3
+    for delay_id in ids:
+        assert (await get_event(client, delay_id))["outcome"] == "send"
+
+
+async def test_an_outcome_under_a_lapsed_claim_is_not_written(
+    client: httpx.AsyncClient, app: FastAPI, clock: FakeClock
+) -> None:
+    delay_id = await schedule_message(client, 1000)
+    clock.advance(1000)
+    engine = app.state.container.engine
+    async with engine.begin() as conn:
+        (event,) = await repo.claim_due(conn, clock.now_ms(), 60_000, 10)
+        # Another replica's claim took the row over.
+        await conn.execute(
+            text("UPDATE delayed_event SET claim_id = 'other' WHERE delay_id = :d"),
+            {"d": delay_id},
+        )
+        done = await repo.finalise_sent_many(
+            conn, [repo.SentOutcome(event, "$late", "delay", clock.now_ms())]
+        )
+    assert done == set()
+    (row,) = await rows(app)
+    assert (row["status"], row["event_id"], row["claim_id"]) == ("scheduled", None, "other")
+
+
+async def test_a_token_still_needed_is_kept_when_outcomes_are_written(
+    client: httpx.AsyncClient, app: FastAPI, clock: FakeClock
+) -> None:
+    await schedule_message(client, 1000, txn="soon")
+    await schedule_message(client, 60_000, txn="later")
+    clock.advance(1000)
+    assert await run_due(app) == 1
+    async with app.state.container.engine.connect() as conn:
+        left = (await conn.execute(text("SELECT count(*) FROM device_token"))).scalar_one()
+    assert left == 1
+
+
+async def test_newer_state_checks_run_ahead_of_the_sends(
+    client: httpx.AsyncClient, app: FastAPI, clock: FakeClock, homeserver: FakeHomeserver
+) -> None:
+    keys = [f"k{n}" for n in range(6)]
+    ids = {key: await schedule_state(client, 1000 + n, key=key) for n, key in enumerate(keys)}
+    clock.advance(500)
+    # Another user sets k3 after it was scheduled: k3 is cancelled, the others are sent.
+    homeserver.state[(ROOM, MEMBER, "k3")] = {
+        "event_id": "$bob",
+        "room_id": ROOM,
+        "type": MEMBER,
+        "state_key": "k3",
+        "sender": "@bob:test",
+        "content": {"bob": True},
+        "origin_server_ts": clock.now_ms(),
+    }
+    clock.advance(1500)
+    assert await run_due(app) == 6
+    seen = _kinds(homeserver)
+    puts = [key for method, key in seen if method == "PUT"]
+    assert puts == ["k0", "k1", "k2", "k4", "k5"]
+    # Each key is checked once, before its own send; the check of k1 does not wait for k0's send.
+    gets = [key for method, key in seen if method == "GET"]
+    assert sorted(gets) == keys
+    for key in puts:
+        assert seen.index(("GET", key)) < seen.index(("PUT", key))
+    assert seen.index(("GET", "k1")) < seen.index(("PUT", "k0"))
+    assert homeserver.state[(ROOM, MEMBER, "k3")]["content"] == {"bob": True}
+    item = await get_event(client, ids["k3"])
+    assert item["error"]["errcode"] == "M_CANCELLED_BY_STATE_UPDATE"
+    for key in puts:
+        assert (await get_event(client, ids[key]))["outcome"] == "send"
+
+
+async def test_a_failing_state_check_fails_only_its_event_and_it_is_retried(
+    client: httpx.AsyncClient,
+    app: FastAPI,
+    clock: FakeClock,
+    homeserver: FakeHomeserver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    first = await schedule_state(client, 1000, key="a")
+    second = await schedule_state(client, 1001, key="b")
+    replayer = app.state.container.service.replayer
+    check = replayer._newer_state
+    broken = {"a"}
+
+    async def sometimes_broken(event: repo.DelayedEvent, credential: Any) -> Any:
+        if event.state_key in broken:
+            broken.discard(event.state_key)
+            raise RuntimeError("unexpected")
+        return await check(event, credential)
+
+    monkeypatch.setattr(replayer, "_newer_state", sometimes_broken)
+    clock.advance(2000)
+    await run_due(app)
+    assert (await get_event(client, second))["outcome"] == "send"
+    # The first stays claimed until its lease lapses, then goes out like any due event.
+    clock.advance(int(app.state.container.settings.claim_lease_seconds * 1000))
+    assert await run_due(app) == 1
+    assert (await get_event(client, first))["outcome"] == "send"
+    assert homeserver.state[(ROOM, MEMBER, "a")]["content"] == {"state": "a"}
+
+
+async def test_messages_of_a_room_still_wait_for_each_answer(
+    database_url: str, clean_db: None, clock: FakeClock, homeserver: FakeHomeserver
+) -> None:
+    """A room's next send starts only once the previous one is answered: never two at once."""
+    in_flight = 0
+    most = 0
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        nonlocal in_flight, most
+        if request.method != "PUT":
+            return homeserver.handle(request)
+        in_flight += 1
+        most = max(most, in_flight)
+        for _ in range(5):  # let anything else that could run, run
+            await asyncio.sleep(0)
+        in_flight -= 1
+        return homeserver.handle(request)
+
+    app = create_app(
+        make_settings(database_url),
+        clock=clock,
+        transport=httpx.MockTransport(slow),
+        start_scheduler=False,
+    )
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://sidecar.test") as c:
+            for n in range(5):
+                await schedule_message(c, 1000, txn=f"t{n}", headers=ALICE)
+        clock.advance(1000)
+        assert await run_due(app) == 5
+    finally:
+        await app.state.container.homeserver.client.aclose()
+        await app.state.container.engine.dispose()
+    assert most == 1
+    assert len(homeserver.messages) == 5
