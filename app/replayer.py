@@ -73,6 +73,9 @@ class Replayer:
         self.settings = settings
         self._lease_ms = int(settings.claim_lease_seconds * 1000)
         self._run_lock = asyncio.Lock()
+        # Requests at the homeserver at once, over every room (one request holds one slot, and
+        # nothing holding a slot waits for another).
+        self._slots = asyncio.Semaphore(settings.replay_concurrency)
 
     async def run_due(self) -> int:
         """Replay every event that is due now, earliest send time first; how many were handled."""
@@ -98,34 +101,39 @@ class Replayer:
         blobs: dict[tuple[str, str | None], bytes],
         keeper: _ClaimKeeper,
     ) -> None:
-        # Rooms are replayed side by side; within a room, strictly in send-time order: an event is
-        # sent once the homeserver has answered the previous one, so a later event never lands
-        # before an earlier one. What the room waits for is only that answer: the outcomes of sent
-        # events are written in the background (`_OutcomeWriter`), and the newer-state checks of
-        # its state events are made a few events ahead (`_StateChecks`).
+        # Rooms are replayed side by side; within a room, in send-time order: an event is sent
+        # once the homeserver has answered the previous one, so a later event never lands before
+        # an earlier one. The one exception is a run of state events that `side_by_side` allows
+        # to go out together (MatrixRTC's call memberships: no event's authorisation depends on
+        # them, and each has a key of its own). At most `replay_concurrency` requests are at the
+        # homeserver at once (`_slots`). What a room waits for is only the homeserver's answers:
+        # outcomes are written in the background (`_OutcomeWriter`), and the newer-state checks
+        # of its state events are made a few events ahead (`_StateChecks`).
         by_room: dict[str, list[DelayedEvent]] = {}
         for event in events:
             by_room.setdefault(event.room_id, []).append(event)
-        slots = asyncio.Semaphore(self.settings.replay_concurrency)
         writer = _OutcomeWriter(self)
 
+        async def one(event: DelayedEvent, checks: _StateChecks) -> None:
+            if not await keeper.still_ours(event):
+                return  # another replica took it over; it replays it from here
+            credential = self._credential(event, blobs)
+            try:
+                await self._replay_on_timeout(event, credential, writer, checks)
+            except Exception:
+                # The claim's lease runs out and the row falls due again.
+                logger.exception("replay of %s failed unexpectedly", log_id(event.delay_id))
+
         async def room_worker(room_events: list[DelayedEvent]) -> None:
-            async with slots:
-                checks = _StateChecks(self, room_events, blobs)
-                try:
-                    for event in room_events:
-                        if not await keeper.still_ours(event):
-                            continue  # another replica took it over; it replays it from here
-                        credential = self._credential(event, blobs)
-                        try:
-                            await self._replay_on_timeout(event, credential, writer, checks)
-                        except Exception:
-                            # The claim's lease runs out and the row falls due again.
-                            logger.exception(
-                                "replay of %s failed unexpectedly", log_id(event.delay_id)
-                            )
-                finally:
-                    checks.close()
+            checks = _StateChecks(self, room_events, blobs)
+            try:
+                for group in in_order(room_events):
+                    if len(group) == 1:
+                        await one(group[0], checks)
+                    else:
+                        await asyncio.gather(*(one(event, checks) for event in group))
+            finally:
+                checks.close()
 
         try:
             await asyncio.gather(*(room_worker(group) for group in by_room.values()))
@@ -182,24 +190,26 @@ class Replayer:
         return result
 
     async def _replay(self, event: DelayedEvent, credential: Credential) -> ReplayResult:
-        return await self.homeserver.replay(
-            credential=credential,
-            room_id=event.room_id,
-            event_type=event.event_type,
-            state_key=event.state_key,
-            content=event.content,
-            query=event.query,
-            txn_id=txn_id_for(event.delay_id),
-        )
+        async with self._slots:
+            return await self.homeserver.replay(
+                credential=credential,
+                room_id=event.room_id,
+                event_type=event.event_type,
+                state_key=event.state_key,
+                content=event.content,
+                query=event.query,
+                txn_id=txn_id_for(event.delay_id),
+            )
 
     async def _newer_state(self, event: DelayedEvent, credential: Credential) -> NewerState | None:
         assert event.state_key is not None
-        current = await self.homeserver.state_event(
-            credential=credential,
-            room_id=event.room_id,
-            event_type=event.event_type,
-            state_key=event.state_key,
-        )
+        async with self._slots:
+            current = await self.homeserver.state_event(
+                credential=credential,
+                room_id=event.room_id,
+                event_type=event.event_type,
+                state_key=event.state_key,
+            )
         if current is None:
             return None
         sender, ts = current.get("sender"), current.get("origin_server_ts")
@@ -329,6 +339,45 @@ class Replayer:
     async def _release(self, event: DelayedEvent) -> None:
         async with self.engine.begin() as conn:
             await repo.release(conn, event)
+
+
+# State whose order against the room's other state matters beyond its own key: the events that
+# authorise later ones (a power-level change before the state it permits, a membership before
+# the member's own state).
+AUTH_STATE_TYPES = frozenset(
+    {
+        "m.room.create",
+        "m.room.power_levels",
+        "m.room.member",
+        "m.room.join_rules",
+        "m.room.third_party_invite",
+    }
+)
+
+
+def side_by_side(event: DelayedEvent) -> bool:
+    """Whether `event` may be sent together with the room's neighbouring events like it: a state
+    event that authorises nothing. Its own key keeps its order anyway (a claim holds at most one
+    event per key, the next one is claimable only once this one is finalised)."""
+    return event.state_key is not None and event.event_type not in AUTH_STATE_TYPES
+
+
+def in_order(room_events: list[DelayedEvent]) -> list[list[DelayedEvent]]:
+    """A room's events (in send-time order) as the groups to send one after the other: each
+    message or authorising state event alone, and runs of `side_by_side` state events, each key
+    at most once, together."""
+    groups: list[list[DelayedEvent]] = []
+    keys: set[tuple[str, str | None]] = set()
+    for event in room_events:
+        key = (event.event_type, event.state_key)
+        last = groups[-1] if groups else None
+        if last is not None and side_by_side(event) and side_by_side(last[-1]) and key not in keys:
+            last.append(event)
+        else:
+            groups.append([event])
+            keys = set()
+        keys.add(key)
+    return groups
 
 
 def count_sent(event: DelayedEvent, reason: str, sent_at: int, *, done: bool) -> None:

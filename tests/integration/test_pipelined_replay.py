@@ -29,6 +29,10 @@ from tests.support.fakes import FakeClock, FakeHomeserver
 MEMBER = "m.call.member"
 
 
+def last_segment(request: httpx.Request) -> str:
+    return request.url.raw_path.decode().partition("?")[0].rsplit("/", 1)[-1]
+
+
 def _kinds(homeserver: FakeHomeserver) -> list[tuple[str, str]]:
     """(method, last path segment) of every room request, in arrival order."""
     seen = []
@@ -240,3 +244,69 @@ async def test_messages_of_a_room_still_wait_for_each_answer(
         await app.state.container.engine.dispose()
     assert most == 1
     assert len(homeserver.messages) == 5
+
+
+async def test_call_memberships_of_a_room_go_out_side_by_side_within_the_limit(
+    database_url: str, clean_db: None, clock: FakeClock, homeserver: FakeHomeserver
+) -> None:
+    """MatrixRTC leaves of one room (state that authorises nothing, a key each) are sent
+    together, at most `replay_concurrency` requests at once; a power-level change and a message
+    between them still go alone, in their place."""
+    in_flight: set[str] = set()
+    overlaps: dict[str, set[str]] = {}
+    most = 0
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        nonlocal most
+        if request.method != "PUT":
+            return homeserver.handle(request)
+        name = last_segment(request)
+        in_flight.add(name)
+        most = max(most, len(in_flight))
+        for _ in range(10):
+            await asyncio.sleep(0)
+            for other in in_flight:
+                overlaps.setdefault(other, set()).update(in_flight - {other})
+        in_flight.discard(name)
+        return homeserver.handle(request)
+
+    app = create_app(
+        make_settings(database_url, replay_concurrency=3),
+        clock=clock,
+        transport=httpx.MockTransport(slow),
+        start_scheduler=False,
+    )
+    plan = [
+        ("a", MEMBER),
+        ("b", MEMBER),
+        ("c", MEMBER),
+        ("d", MEMBER),
+        ("pl", "m.room.power_levels"),
+    ]
+    plan += [("e", MEMBER), ("f", MEMBER)]
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://sidecar.test") as c:
+            for n, (key, kind) in enumerate(plan):
+                await schedule_state(c, 1000 + n, key=key, kind=kind)
+            await schedule_message(c, 1000 + len(plan), txn="msg")
+            await schedule_state(c, 1001 + len(plan), key="g")
+        clock.advance(2000)
+        assert await run_due(app) == len(plan) + 2
+    finally:
+        await app.state.container.homeserver.client.aclose()
+        await app.state.container.engine.dispose()
+    assert most == 3  # side by side, but never more than the limit
+    assert overlaps["a"] & {"b", "c"}
+    # The power-level change and the message each went alone...
+    assert not overlaps.get("pl")
+    assert not any(seen for name, seen in overlaps.items() if name.startswith("msc4140."))
+    # ...and in their place: nothing before them came after, nothing after came before.
+    puts = [
+        r.url.raw_path.decode().partition("?")[0].rsplit("/", 1)[-1] for r in homeserver.replays()
+    ]
+    assert set(puts[:4]) == {"a", "b", "c", "d"}
+    assert puts[4] == "pl"
+    assert set(puts[5:7]) == {"e", "f"}
+    assert puts[7].startswith("msc4140.")
+    assert puts[8] == "g"
