@@ -9,7 +9,10 @@ answer to the previous one arrives; this is how the generator's own ceiling is m
 
 Targets come from a file of lines `PATH<TAB>TOKEN` (TOKEN may be empty); they are used in turn.
 The answer is one JSON object on stdout: counts, status codes, latency percentiles in
-milliseconds, the achieved rate and the generator's own CPU time.
+milliseconds, the achieved rate, the generator's own CPU time and how late its own event loop
+woke up (a stall on the generator's side shows there). `--dump FILE` also writes every answer's
+timing (due, sent, answered, connection), to line latency up against time and against what the
+server was doing then.
 
     python bench/loadgen.py --port 8009 --targets ids.tsv --rate 1000 --duration 10
 """
@@ -62,6 +65,9 @@ class Connection(asyncio.Protocol):
         self.transport: Any = None
         self.buffer = bytearray()
         self.intended = 0.0
+        self.sent = 0.0
+        self.index = generator.opened  # in the order connections were opened
+        generator.opened += 1
         self.busy = False
         self.connected = asyncio.get_running_loop().create_future()
 
@@ -80,6 +86,7 @@ class Connection(asyncio.Protocol):
         assert self.transport is not None
         self.busy = True
         self.intended = intended
+        self.sent = time.perf_counter()
         self.buffer.clear()
         self.transport.write(payload)
 
@@ -112,7 +119,12 @@ class Generator:
         self.idle: collections.deque[Connection] = collections.deque()
         self.waiting: collections.deque[float] = collections.deque()
         self.connections: list[Connection] = []
+        self.opened = 0
         self.latencies: list[float] = []
+        # --dump: one (intended, sent, answered, connection, status) per answer
+        self.records: list[tuple[float, float, float, int, int]] | None = [] if args.dump else None
+        # The generator's own event-loop lag: (when, how late) of every late wake-up.
+        self.lags: list[tuple[float, float]] = []
         self.statuses: collections.Counter[str] = collections.Counter()
         self.in_flight = 0
         self.stopping = False
@@ -152,6 +164,8 @@ class Generator:
         self.statuses[str(status) if status is not None else "closed"] += 1
         if status is not None and 200 <= status < 300:
             self.latencies.append(now - conn.intended)
+        if self.records is not None:
+            self.records.append((conn.intended, conn.sent, now, conn.index, status or 0))
         if conn.transport is not None:
             self.give_work(conn)
         if self.stopping and self.in_flight == 0 and not self.waiting:
@@ -196,7 +210,12 @@ class Generator:
                 if start + i * interval >= end:
                     break
                 # uvloop's timers tick in milliseconds: shorter sleeps would only spin.
-                await asyncio.sleep(max(0.001, start + i * interval - time.perf_counter()))
+                wake = max(0.001, start + i * interval - time.perf_counter())
+                before = time.perf_counter()
+                await asyncio.sleep(wake)
+                late = time.perf_counter() - before - wake
+                if late > 0.005:
+                    self.lags.append((before + wake - start, late))
             offered = i
         else:
             await asyncio.sleep(max(0.0, start - time.perf_counter()))
@@ -218,6 +237,8 @@ class Generator:
             if conn.transport is not None:
                 conn.transport.close()
         ok = len(self.latencies)
+        if self.records is not None:
+            _dump(args.dump, start, self.records)
         # What never got an answer counts as infinitely late: a saturated target shows as such.
         lat = sorted(self.latencies) + [math.inf] * (self.in_flight + unsent)
         done = sum(self.statuses.values())
@@ -235,9 +256,26 @@ class Generator:
             "latency_ms": {str(p): percentile(lat, p) * 1000 for p in PERCENTILES},
             "latency_ms_max": lat[-1] * 1000 if lat else float("nan"),
             "generator_cpu_s": cpu,
+            "generator_lag_ms_max": max((late for _, late in self.lags), default=0.0) * 1000,
+            "generator_lags_over_5ms": len(self.lags),
             "generator_cpu_share": cpu / wall if wall > 0 else float("nan"),
             "wall_s": wall,
+            # The start on perf_counter's clock (CLOCK_MONOTONIC on Linux, as time.monotonic()):
+            # lines --dump up with timestamps taken by other processes.
+            "start_monotonic": start,
         }
+
+
+def _dump(path: Path, start: float, records: list[tuple[float, float, float, int, int]]) -> None:
+    """Per answer, in seconds from the start: when it was due, when it went out, when its answer
+    was read; its latency in ms, the connection's index and the status (0: connection lost)."""
+    with path.open("w") as out:
+        out.write("intended_s\tsent_s\tanswered_s\tlatency_ms\tconnection\tstatus\n")
+        for intended, sent, answered, index, status in records:
+            out.write(
+                f"{intended - start:.6f}\t{sent - start:.6f}\t{answered - start:.6f}\t"
+                f"{(answered - intended) * 1000:.3f}\t{index}\t{status}\n"
+            )
 
 
 def _cpu_seconds() -> float:
@@ -263,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--timeout", type=float, default=15.0, help="drain time after the end")
+    parser.add_argument(
+        "--dump", type=Path, help="write every answer's timing here (tab-separated, see _dump)"
+    )
     args = parser.parse_args(argv)
     try:
         import uvloop
