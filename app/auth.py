@@ -3,6 +3,7 @@ briefly under a hash of the token (the token itself is not kept in memory longer
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections import OrderedDict
@@ -44,28 +45,52 @@ def _checked(token: str) -> str:
 
 
 class Authenticator:
+    """Checks tokens with the homeserver's whoami, caching each answer for `ttl_seconds`.
+
+    Concurrent requests with the same uncached (or just expired) token share one whoami call: a
+    client sending many requests with one token (a call's heartbeat) would otherwise send the
+    homeserver one whoami per request in flight each time the cached answer runs out, and every
+    one of them would wait for that pile of calls."""
+
     def __init__(self, homeserver: Homeserver, ttl_seconds: float, max_entries: int = 20_000):
         self._homeserver = homeserver
         self._ttl = ttl_seconds
         self._max = max_entries
         self._cache: OrderedDict[bytes, tuple[float, Whoami]] = OrderedDict()
+        # The whoami call under way for a token (by its hash), shared by whoever asks meanwhile.
+        self._pending: dict[bytes, asyncio.Task[Whoami]] = {}
 
     async def authenticate(self, token: str) -> Requester:
         """The requester owning `token`; the homeserver's refusal is raised unchanged."""
         key = hashlib.sha256(token.encode()).digest()
-        now = time.monotonic()
         cached = self._cache.get(key)
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] > time.monotonic():
             self._cache.move_to_end(key)
             whoami = cached[1]
         else:
+            lookup = self._pending.get(key)
+            if lookup is None:
+                lookup = asyncio.create_task(self._lookup(key, token))
+                # Retrieved here too, so that a failure nobody waits for any more is not
+                # reported as never retrieved.
+                lookup.add_done_callback(_retrieve)
+                self._pending[key] = lookup
+            # One caller going away (a client disconnecting) does not cancel the others' call.
+            whoami = await asyncio.shield(lookup)
+        return Requester(whoami.user_id, whoami.device_id, token)
+
+    async def _lookup(self, key: bytes, token: str) -> Whoami:
+        now = time.monotonic()
+        try:
             whoami = await self._homeserver.whoami(token)
             if self._ttl > 0:
                 self._cache[key] = (now + self._ttl, whoami)
                 self._cache.move_to_end(key)
                 while len(self._cache) > self._max:
                     self._cache.popitem(last=False)
-        return Requester(whoami.user_id, whoami.device_id, token)
+            return whoami
+        finally:
+            self._pending.pop(key, None)
 
     async def optional(self, request: Request) -> Requester | None:
         token = access_token(request)
@@ -76,3 +101,8 @@ class Authenticator:
         if token is None:
             raise MissingToken("Missing access token")
         return await self.authenticate(token)
+
+
+def _retrieve(task: asyncio.Task[Whoami]) -> None:
+    if not task.cancelled():
+        task.exception()
