@@ -73,6 +73,7 @@ def build_container(
         prune_seconds=settings.prune_interval_seconds,
     )
     scheduler_box.append(scheduler)
+    replayer.wake = scheduler.wake
     return Container(
         settings=settings,
         engine=engine,

@@ -9,10 +9,12 @@ repeated replay as the same event.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import random
-from collections.abc import Awaitable
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,73 +74,31 @@ class Replayer:
         self.clock = clock
         self.settings = settings
         self._lease_ms = int(settings.claim_lease_seconds * 1000)
-        self._run_lock = asyncio.Lock()
+        self._run: _Run | None = None
+        # Asks the clock to wake the replayer at a time (ms): set by the application to the
+        # scheduler's `wake`; a run calls it for the next due event while it has nothing to do.
+        self.wake: Callable[[int], None] = lambda at_ms: None
         # Requests at the homeserver at once, over every room (one request holds one slot, and
         # nothing holding a slot waits for another).
         self._slots = asyncio.Semaphore(settings.replay_concurrency)
 
-    async def run_due(self) -> int:
-        """Replay every event that is due now, earliest send time first; how many were handled."""
-        async with self._run_lock:
-            handled = 0
-            while True:
-                now = self.clock.now_ms()
-                async with self.engine.begin() as conn:
-                    events = await repo.claim_due(conn, now, self._lease_ms, _BATCH)
-                    blobs = await repo.load_tokens(conn, {(e.user_id, e.device_id) for e in events})
-                if not events:
-                    return handled
-                await self._replay_batch(events, blobs, _ClaimKeeper(self, events, now))
-                handled += len(events)
+    async def run_due(self) -> int | None:
+        """Replay every event that is due, earliest send time first, until none is due and every
+        one claimed is handled; how many were handled. While a run is going on, another call
+        only tells it that more may be due (and answers None at once): the run claims those as
+        it has room, so a busy room never holds up the others."""
+        if self._run is not None:
+            self._run.poke()
+            return None
+        self._run = run = _Run(self)
+        try:
+            return await run.go()
+        finally:
+            self._run = None
 
     async def next_due(self) -> int | None:
         async with self.engine.connect() as conn:
             return await repo.next_due(conn)
-
-    async def _replay_batch(
-        self,
-        events: list[DelayedEvent],
-        blobs: dict[tuple[str, str | None], bytes],
-        keeper: _ClaimKeeper,
-    ) -> None:
-        # Rooms are replayed side by side; within a room, in send-time order: an event is sent
-        # once the homeserver has answered the previous one, so a later event never lands before
-        # an earlier one. The one exception is a run of state events that `side_by_side` allows
-        # to go out together (MatrixRTC's call memberships: no event's authorisation depends on
-        # them, and each has a key of its own). At most `replay_concurrency` requests are at the
-        # homeserver at once (`_slots`). What a room waits for is only the homeserver's answers:
-        # outcomes are written in the background (`_OutcomeWriter`), and the newer-state checks
-        # of its state events are made a few events ahead (`_StateChecks`).
-        by_room: dict[str, list[DelayedEvent]] = {}
-        for event in events:
-            by_room.setdefault(event.room_id, []).append(event)
-        writer = _OutcomeWriter(self)
-
-        async def one(event: DelayedEvent, checks: _StateChecks) -> None:
-            if not await keeper.still_ours(event):
-                return  # another replica took it over; it replays it from here
-            credential = self._credential(event, blobs)
-            try:
-                await self._replay_on_timeout(event, credential, writer, checks)
-            except Exception:
-                # The claim's lease runs out and the row falls due again.
-                logger.exception("replay of %s failed unexpectedly", log_id(event.delay_id))
-
-        async def room_worker(room_events: list[DelayedEvent]) -> None:
-            checks = _StateChecks(self, room_events, blobs)
-            try:
-                for group in in_order(room_events):
-                    if len(group) == 1:
-                        await one(group[0], checks)
-                    else:
-                        await asyncio.gather(*(one(event, checks) for event in group))
-            finally:
-                checks.close()
-
-        try:
-            await asyncio.gather(*(room_worker(group) for group in by_room.values()))
-        finally:
-            await writer.close()
 
     def _credential(
         self, event: DelayedEvent, blobs: dict[tuple[str, str | None], bytes]
@@ -224,8 +184,10 @@ class Replayer:
         event: DelayedEvent,
         credential: Credential | None,
         writer: _OutcomeWriter,
-        checks: _StateChecks,
-    ) -> None:
+        newer_state: Awaitable[NewerState | None] | None,
+    ) -> bool:
+        """Send a due event and record how it went; True if its outcome was handed to `writer`
+        (sent), False if already written."""
         if credential is None:
             await self._finalise_failed(
                 event,
@@ -234,12 +196,13 @@ class Replayer:
                     "error": "No usable access token is stored for the device that scheduled it",
                 },
             )
-            return
-        outcome = await self.attempt(event, credential, checks.take(event))
+            return False
+        outcome = await self.attempt(event, credential, newer_state)
         if isinstance(outcome, Sent):
             writer.put(repo.SentOutcome(event, outcome.event_id, "delay", self.clock.now_ms()))
-        else:
-            await self.record(event, outcome, reason="delay")
+            return True
+        await self.record(event, outcome, reason="delay")
+        return False
 
     async def record(self, event: DelayedEvent, outcome: Attempt, *, reason: str) -> None:
         """Write the outcome of an attempt back under the event's claim."""
@@ -283,6 +246,7 @@ class Replayer:
         due = min(now + self.backoff_ms(event.attempts, outcome.retry_after_ms), window_end)
         async with self.engine.begin() as conn:
             await repo.retry_later(conn, event, due_ts=due, first_failure_ts=first)
+        self.wake(due)
         metrics.RETRIED.inc()
         logger.info(
             "homeserver unavailable for %s (%s), retrying in %d ms",
@@ -362,21 +326,27 @@ def side_by_side(event: DelayedEvent) -> bool:
     return event.state_key is not None and event.event_type not in AUTH_STATE_TYPES
 
 
-def in_order(room_events: list[DelayedEvent]) -> list[list[DelayedEvent]]:
-    """A room's events (in send-time order) as the groups to send one after the other: each
-    message or authorising state event alone, and runs of `side_by_side` state events, each key
-    at most once, together."""
-    groups: list[list[DelayedEvent]] = []
-    keys: set[tuple[str, str | None]] = set()
-    for event in room_events:
-        key = (event.event_type, event.state_key)
-        last = groups[-1] if groups else None
-        if last is not None and side_by_side(event) and side_by_side(last[-1]) and key not in keys:
-            last.append(event)
-        else:
-            groups.append([event])
-            keys = set()
+def next_group(queue: deque[DelayedEvent]) -> list[DelayedEvent]:
+    """Take from the head of a room's queue (in send-time order) what goes out next: a message
+    or an authorising state event alone, or a run of `side_by_side` state events, each key at
+    most once, together."""
+    group = [queue.popleft()]
+    keys = {(group[0].event_type, group[0].state_key)}
+    while queue and side_by_side(group[0]) and side_by_side(queue[0]):
+        key = (queue[0].event_type, queue[0].state_key)
+        if key in keys:
+            break
         keys.add(key)
+        group.append(queue.popleft())
+    return group
+
+
+def in_order(room_events: Iterable[DelayedEvent]) -> list[list[DelayedEvent]]:
+    """A room's events as the groups sent one after the other (see `next_group`)."""
+    queue = deque(room_events)
+    groups = []
+    while queue:
+        groups.append(next_group(queue))
     return groups
 
 
@@ -400,16 +370,26 @@ class _OutcomeWriter:
     events). The batch ends, and the next claim is made, only once every outcome is written.
     Refusals and retries are written by the room itself, before it goes on."""
 
-    def __init__(self, replayer: Replayer) -> None:
+    def __init__(
+        self, replayer: Replayer, on_written: Callable[[list[repo.SentOutcome]], None]
+    ) -> None:
         self._engine = replayer.engine
+        self._on_written = on_written
         self._queue: list[repo.SentOutcome] = []
         self._ready = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._closing = False
         self._task = asyncio.create_task(self._run())
 
     def put(self, outcome: repo.SentOutcome) -> None:
         self._queue.append(outcome)
+        self._idle.clear()
         self._ready.set()
+
+    async def flush(self) -> None:
+        """Wait until every outcome put so far is written (or its write has failed)."""
+        await self._idle.wait()
 
     async def close(self) -> None:
         self._closing = True
@@ -423,6 +403,7 @@ class _OutcomeWriter:
             while self._queue:
                 outcomes, self._queue = self._queue, []
                 await self._write(outcomes)
+            self._idle.set()
             if self._closing:
                 return
 
@@ -436,41 +417,39 @@ class _OutcomeWriter:
                 "claim lapses",
                 len(outcomes),
             )
-            return
-        for outcome in outcomes:
-            count_sent(
-                outcome.event, outcome.reason, outcome.ts, done=outcome.event.delay_id in done
-            )
+        else:
+            for outcome in outcomes:
+                count_sent(
+                    outcome.event, outcome.reason, outcome.ts, done=outcome.event.delay_id in done
+                )
+        self._on_written(outcomes)
 
 
 class _StateChecks:
     """The newer-state checks of a room's delayed state events, started a few events ahead of
     their sends, so that a room of state events waits for one homeserver answer per event (the
-    send's), not two. A claimed batch holds at most one event per (room, type, state_key), so no
-    earlier send of the batch changes what a check reads."""
+    send's), not two. A claim holds at most one event per (room, type, state_key), and the next
+    one for a key is claimable only once the earlier one is finalised, so no send still ahead of
+    a check changes what it reads."""
 
     AHEAD = 4
 
-    def __init__(
-        self,
-        replayer: Replayer,
-        events: list[DelayedEvent],
-        blobs: dict[tuple[str, str | None], bytes],
-    ) -> None:
+    def __init__(self, replayer: Replayer, blobs: dict[tuple[str, str | None], bytes]) -> None:
         self._replayer = replayer
         self._blobs = blobs
-        self._events = [e for e in events if replayer.checks_newer_state(e)]
-        self._index = {e.delay_id: i for i, e in enumerate(self._events)}
         self._tasks: dict[str, asyncio.Task[NewerState | None]] = {}
 
-    def take(self, event: DelayedEvent) -> Awaitable[NewerState | None] | None:
-        """The check for `event` (started now if it wasn't), and the next ones started."""
-        at = self._index.get(event.delay_id)
-        if at is None:
+    def take(
+        self, event: DelayedEvent, upcoming: Iterable[DelayedEvent]
+    ) -> Awaitable[NewerState | None] | None:
+        """The check for `event` (started now if it wasn't), with the checks of the next few
+        state events of `upcoming` (the room's queue behind it) started."""
+        if not self._replayer.checks_newer_state(event):
             return None
-        for ahead in self._events[at : at + 1 + self.AHEAD]:
-            if ahead.delay_id not in self._tasks:
-                self._start(ahead)
+        ahead = (e for e in upcoming if self._replayer.checks_newer_state(e))
+        for state in itertools.chain([event], itertools.islice(ahead, self.AHEAD)):
+            if state.delay_id not in self._tasks:
+                self._start(state)
         return self._tasks.pop(event.delay_id, None)
 
     def _start(self, event: DelayedEvent) -> None:
@@ -488,36 +467,182 @@ class _StateChecks:
         self._tasks.clear()
 
 
+class _Run:
+    """One run of the replayer: claims due events and works them off room by room, claiming
+    more whenever it has room and something may have fallen due (`poke`), until nothing is due
+    and nothing claimed is left.
+
+    Each room has a queue, worked through by one task, in claim order (so in send-time order),
+    group by group (`next_group`); rooms go side by side. At most `_BATCH` claimed events wait
+    in the queues, so a burst is claimed as it is worked off and a replica never holds more than
+    it is about to send. Each claim keeps its own lease alive (`_ClaimKeeper`); the outcomes of
+    sent events are written by one `_OutcomeWriter`, and the run ends only once they are."""
+
+    def __init__(self, replayer: Replayer) -> None:
+        self._replayer = replayer
+        self._queues: dict[str, deque[DelayedEvent]] = {}
+        self._rooms: dict[str, asyncio.Task[None]] = {}
+        self._keeper = _ClaimKeeper(replayer)
+        self._blobs: dict[tuple[str, str | None], bytes] = {}
+        self._changed = asyncio.Event()
+        self._full = False
+        self._writer = _OutcomeWriter(replayer, on_written=self._written)
+        self._checks = _StateChecks(replayer, self._blobs)
+
+    def poke(self) -> None:
+        """Something may have fallen due: claim again as soon as there is room."""
+        self._changed.set()
+
+    def _written(self, outcomes: list[repo.SentOutcome]) -> None:
+        """Outcomes the writer has written (or failed to: their claims then lapse)."""
+        for outcome in outcomes:
+            self._handled(outcome.event)
+
+    def _handled(self, event: DelayedEvent) -> None:
+        # Until its outcome is written an event stays under the claim's renewal: a lapsed claim
+        # of a sent event must not let another replica send it again.
+        self._keeper.done(event)
+        if event.state_key is not None:
+            self.poke()  # finalised: the next state event for its key may be claimed
+
+    def _queued(self) -> int:
+        return sum(len(queue) for queue in self._queues.values())
+
+    async def go(self) -> int:
+        handled = 0
+        try:
+            while True:
+                self._changed.clear()
+                room = _BATCH - self._queued()
+                self._full = room <= 0
+                if not self._full:
+                    claimed = await self._claim(room)
+                    handled += claimed
+                    if claimed == room:
+                        continue  # more may be due already
+                    if not self._rooms:
+                        await self._writer.flush()
+                        if self._changed.is_set():
+                            continue  # a written state event may have let its key's next one go
+                        return handled
+                    await self._wake_for_next()
+                await self._changed.wait()
+        finally:
+            if self._rooms:
+                await asyncio.gather(*self._rooms.values(), return_exceptions=True)
+            self._checks.close()
+            await self._writer.close()
+
+    async def _claim(self, limit: int) -> int:
+        replayer = self._replayer
+        now = replayer.clock.now_ms()
+        async with replayer.engine.begin() as conn:
+            events = await repo.claim_due(conn, now, replayer._lease_ms, limit)
+            devices = {(e.user_id, e.device_id) for e in events}
+            self._blobs.update(await repo.load_tokens(conn, devices))
+        if not events:
+            return 0
+        self._keeper.add(events, now)
+        for event in events:
+            self._queues.setdefault(event.room_id, deque()).append(event)
+            if event.room_id not in self._rooms:
+                self._rooms[event.room_id] = asyncio.create_task(self._work_room(event.room_id))
+        return len(events)
+
+    async def _wake_for_next(self) -> None:
+        """Nothing more is due now: have the clock poke this run when the next event is."""
+        try:
+            next_due = await self._replayer.next_due()
+        except Exception:
+            logger.exception("looking up the next due event failed; the sweep finds it")
+            return
+        if next_due is not None:
+            self._replayer.wake(next_due)
+
+    async def _work_room(self, room_id: str) -> None:
+        queue = self._queues[room_id]
+        try:
+            while queue:
+                group = next_group(queue)
+                if len(group) == 1:
+                    await self._send(group[0], queue)
+                else:
+                    await asyncio.gather(*(self._send(event, queue) for event in group))
+                if self._full and self._queued() <= _BATCH // 2:
+                    self._changed.set()  # room for the next claim
+        finally:
+            # Nothing awaits between finding the queue empty and leaving it: an event claimed
+            # for this room meanwhile starts a new task.
+            del self._queues[room_id]
+            del self._rooms[room_id]
+            self._changed.set()
+
+    async def _send(self, event: DelayedEvent, upcoming: deque[DelayedEvent]) -> None:
+        replayer = self._replayer
+        handed_on = False
+        try:
+            if not await self._keeper.still_ours(event):
+                return  # another replica took it over; it replays it from here
+            credential = replayer._credential(event, self._blobs)
+            newer_state = self._checks.take(event, upcoming)
+            handed_on = await replayer._replay_on_timeout(
+                event, credential, self._writer, newer_state
+            )
+        except Exception:
+            # The claim's lease runs out and the row falls due again.
+            logger.exception("replay of %s failed unexpectedly", log_id(event.delay_id))
+        finally:
+            if not handed_on:
+                self._handled(event)
+
+
 def _retrieve(task: asyncio.Task[Any]) -> None:
     if not task.cancelled():
         task.exception()  # awaited by its event, or dropped with it: never reported as lost
 
 
 class _ClaimKeeper:
-    """Keeps a batch's claim alive while its events are sent one after another, renewing the
-    lease well before it runs out, so no other replica takes over an event of a room that is still
-    being worked through (which could send a later state event before an earlier one)."""
+    """Keeps a run's claims alive while their events wait in their rooms' queues and are sent,
+    renewing the leases of every event not yet handled well before they run out, so no other
+    replica takes over an event of a room that is still being worked through (which could send
+    it before an earlier one of the room)."""
 
-    def __init__(self, replayer: Replayer, events: list[DelayedEvent], claimed_at: int) -> None:
+    def __init__(self, replayer: Replayer) -> None:
         self._replayer = replayer
-        self._claim_id = events[0].claim_id or ""
-        self._pending = [e.delay_id for e in events]
-        self._renewed_at = claimed_at
-        self._held = set(self._pending)
+        self._claims: dict[str, str] = {}  # delay_id -> the claim holding it
+        self._held: set[str] = set()
+        self._renewed_at: int | None = None
         self._lock = asyncio.Lock()
+
+    def add(self, events: list[DelayedEvent], claimed_at: int) -> None:
+        for event in events:
+            self._claims[event.delay_id] = event.claim_id or ""
+            self._held.add(event.delay_id)
+        if self._renewed_at is None:
+            self._renewed_at = claimed_at
+
+    def done(self, event: DelayedEvent) -> None:
+        self._claims.pop(event.delay_id, None)
+        self._held.discard(event.delay_id)
+        if not self._claims:
+            self._renewed_at = None
 
     async def still_ours(self, event: DelayedEvent) -> bool:
         lease = self._replayer._lease_ms
-        if self._replayer.clock.now_ms() - self._renewed_at >= lease // 3:
+        if self._due_for_renewal(lease):
             async with self._lock:
-                now = self._replayer.clock.now_ms()
-                if now - self._renewed_at >= lease // 3:
+                if self._due_for_renewal(lease):
+                    now = self._replayer.clock.now_ms()
                     async with self._replayer.engine.begin() as conn:
-                        self._held = await repo.renew_claim(
-                            conn, self._claim_id, self._pending, now + lease
+                        self._held = await repo.renew_claims(
+                            conn, sorted(self._claims.items()), now + lease
                         )
                     self._renewed_at = now
         return event.delay_id in self._held
+
+    def _due_for_renewal(self, lease: int) -> bool:
+        since = self._renewed_at
+        return since is not None and self._replayer.clock.now_ms() - since >= lease // 3
 
 
 def _cancelled_conflict() -> HomeserverError:

@@ -189,19 +189,12 @@ async def claim_one(
     return _event(row) if row is not None else None
 
 
-async def claim_due(
-    conn: AsyncConnection, now: int, lease_ms: int, limit: int
-) -> list[DelayedEvent]:
-    """Claim up to `limit` due events, earliest send time first, and for each state key only
-    the earliest (the next one becomes claimable when it is finalised).
-
-    Rows locked by another replica's claim are skipped, not waited for; a claim's lease moves
-    `due_ts` forward, so a replica that dies mid-replay leaves rows that fall due again.
-    """
+def _not_waiting() -> Any:
+    """Not a state event waiting for an earlier one of its (room, type, state_key): the later
+    state must never land first, whichever replica sends which, so it becomes claimable only once
+    the earlier one is finalised."""
     earlier = delayed_event.alias("earlier")
     E = earlier.c
-    # A state event waits for every earlier one of its (room, type, state_key): the later state
-    # must never land first, whichever replica sends which.
     earlier_pending = (
         select(text("1"))
         .select_from(earlier)
@@ -214,12 +207,24 @@ async def claim_due(
         )
         .exists()
     )
+    return or_(T.state_key.is_(None), ~earlier_pending)
+
+
+async def claim_due(
+    conn: AsyncConnection, now: int, lease_ms: int, limit: int
+) -> list[DelayedEvent]:
+    """Claim up to `limit` due events, earliest send time first, and for each state key only
+    the earliest (the next one becomes claimable when it is finalised).
+
+    Rows locked by another replica's claim are skipped, not waited for; a claim's lease moves
+    `due_ts` forward, so a replica that dies mid-replay leaves rows that fall due again.
+    """
     due = (
         select(T.delay_id)
         .where(
             T.status == SCHEDULED,
             T.due_ts <= now,
-            or_(T.state_key.is_(None), ~earlier_pending),
+            _not_waiting(),
         )
         .order_by(T.send_ts, T.delay_id)
         .limit(limit)
@@ -336,15 +341,26 @@ async def finalise_sent_many(conn: AsyncConnection, outcomes: list[SentOutcome])
     return done
 
 
-async def renew_claim(
-    conn: AsyncConnection, claim_id: str, delay_ids: list[str], due_ts: int
-) -> set[str]:
-    """Extend a claim's lease on these events; the ones it still holds."""
+_RENEW_CLAIMS = text(
+    """
+    UPDATE delayed_event AS e SET due_ts = :due_ts
+    FROM unnest(CAST(:delay_ids AS text[]), CAST(:claim_ids AS text[])) AS c (delay_id, claim_id)
+    WHERE e.delay_id = c.delay_id AND e.claim_id = c.claim_id AND e.status = :scheduled
+    RETURNING e.delay_id
+    """
+)
+
+
+async def renew_claims(conn: AsyncConnection, held: list[tuple[str, str]], due_ts: int) -> set[str]:
+    """Extend the leases of these (delay_id, claim_id); the delay_ids each claim still holds."""
     result = await conn.execute(
-        update(delayed_event)
-        .where(T.delay_id.in_(delay_ids), T.claim_id == claim_id, T.status == SCHEDULED)
-        .values(due_ts=due_ts)
-        .returning(T.delay_id)
+        _RENEW_CLAIMS,
+        {
+            "due_ts": due_ts,
+            "scheduled": SCHEDULED,
+            "delay_ids": [delay_id for delay_id, _ in held],
+            "claim_ids": [claim_id for _, claim_id in held],
+        },
     )
     return set(result.scalars())
 
@@ -376,8 +392,12 @@ async def release(conn: AsyncConnection, event: DelayedEvent) -> None:
 
 
 async def next_due(conn: AsyncConnection) -> int | None:
-    """The earliest time any scheduled event wants attention."""
-    result = await conn.execute(select(func.min(T.due_ts)).where(T.status == SCHEDULED))
+    """The earliest time any scheduled event wants attention. A state event waiting for an
+    earlier one of its key wants none: it becomes claimable when that one is finalised, and the
+    replica finalising it claims again."""
+    result = await conn.execute(
+        select(T.due_ts).where(T.status == SCHEDULED, _not_waiting()).order_by(T.due_ts).limit(1)
+    )
     due: int | None = result.scalar_one_or_none()
     return due
 

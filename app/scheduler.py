@@ -19,12 +19,16 @@ WAKE_JOB = "wake"
 
 
 class WakeUpScheduler:
-    """Runs `run_due` when the earliest event is due, then asks `next_due` when to wake again."""
+    """Runs `run_due` when the earliest event is due, then asks `next_due` when to wake again.
+
+    `run_due` answers None when a run is already going on: it has been told that more may be
+    due, and sets the wake-ups it needs while it goes on; the run's own tick asks `next_due`
+    when the run ends."""
 
     def __init__(
         self,
         *,
-        run_due: Callable[[], Awaitable[int]],
+        run_due: Callable[[], Awaitable[int | None]],
         next_due: Callable[[], Awaitable[int | None]],
         prune: Callable[[], Awaitable[int]],
         clock: Clock,
@@ -82,13 +86,16 @@ class WakeUpScheduler:
             id=WAKE_JOB,
             replace_existing=True,
             misfire_grace_time=None,
+            # A wake-up that comes while an earlier one is still running (a long run) pokes it.
+            max_instances=1000,
         )
 
     async def tick(self) -> None:
         """Replay what is due, then set the wake-up for the next due event."""
         self.wake_at = None
         try:
-            await self._run_due()
+            if await self._run_due() is None:
+                return  # a run is going on; it has been poked and sets its own wake-ups
             next_due = await self._next_due()
         except Exception:
             # The database may be away; the sweep tries again.

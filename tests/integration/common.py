@@ -121,7 +121,8 @@ async def get_event(
 
 
 async def run_due(app: FastAPI) -> int:
-    handled: int = await app.state.container.service.replayer.run_due()
+    handled = await app.state.container.service.replayer.run_due()
+    assert handled is not None, "no run was going on"
     return handled
 
 

@@ -5,6 +5,7 @@ order, the claim rules and exactly-once hold all the same."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import httpx
@@ -310,3 +311,81 @@ async def test_call_memberships_of_a_room_go_out_side_by_side_within_the_limit(
     assert set(puts[5:7]) == {"e", "f"}
     assert puts[7].startswith("msc4140.")
     assert puts[8] == "g"
+
+
+async def test_a_long_room_does_not_hold_up_an_event_that_falls_due_meanwhile(
+    database_url: str, clean_db: None, clock: FakeClock, homeserver: FakeHomeserver
+) -> None:
+    """A run claims again when it is told something fell due, while it is still working through
+    a busy room: the other room's event goes out before the busy room is done."""
+    holder: list[FastAPI] = []
+    answers: list[Any] = []
+    other_sent = asyncio.Event()
+    busy_sends = 0
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        nonlocal busy_sends
+        if request.method == "PUT" and "other" in request.url.raw_path.decode():
+            other_sent.set()
+        elif request.method == "PUT":
+            busy_sends += 1
+            clock.advance(1000)  # each send in the busy room takes a second
+            # The clock's wake-up for the other room's event: the run is going on, so it pokes.
+            answers.append(await holder[0].state.container.service.replayer.run_due())
+            if busy_sends == 3:
+                # The other room's event is due by now; it goes out while this send is slow.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(other_sent.wait(), timeout=5)
+        return homeserver.handle(request)
+
+    app = create_app(
+        make_settings(database_url),
+        clock=clock,
+        transport=httpx.MockTransport(slow),
+        start_scheduler=False,
+    )
+    holder.append(app)
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://sidecar.test") as c:
+            for n in range(6):
+                await schedule_message(c, 1000, txn=f"busy{n}")
+            other = await schedule_message(c, 2500, txn="other", room="%21other%3Atest")
+        clock.advance(1000)
+        assert await run_due(app) == 7
+        assert (await get_event_app(app, other))["outcome"] == "send"
+    finally:
+        await app.state.container.homeserver.client.aclose()
+        await app.state.container.engine.dispose()
+    assert set(answers) == {None}
+    sent = [last_segment(r) for r in homeserver.replays()]
+    assert len(sent) == 7
+    other_at = sent.index(f"msc4140.{other}")
+    assert other_at < 6, f"the other room's event waited for the busy room: {other_at}"
+
+
+async def get_event_app(app: FastAPI, delay_id: str) -> dict[str, Any]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://sidecar.test") as c:
+        return await get_event(c, delay_id)
+
+
+async def test_a_state_event_waiting_for_its_key_sets_no_wake_up(
+    client: httpx.AsyncClient, app: FastAPI, clock: FakeClock, homeserver: FakeHomeserver
+) -> None:
+    """While an earlier state event of the same key waits for a retry, the later one, though
+    past its time, wants no wake-up: only the retry does (else the clock would spin)."""
+    await schedule_state(client, 1000, key="k", content={"n": 1})
+    await schedule_state(client, 2000, key="k", content={"n": 2})
+    homeserver.fail_next.append(httpx.Response(503, json={"errcode": "M_UNKNOWN", "error": "x"}))
+    clock.advance(3000)
+    assert await run_due(app) == 1
+    replayer = app.state.container.service.replayer
+    (retry,) = [r for r in await rows(app) if r["attempts"] == 1]
+    assert retry["due_ts"] > clock.now_ms()
+    assert await replayer.next_due() == retry["due_ts"]
+    # Once the earlier one is sent, the later one is claimed in the same run.
+    clock.advance(retry["due_ts"] - clock.now_ms())
+    assert await run_due(app) == 2
+    assert homeserver.state[(ROOM, MEMBER, "k")]["content"] == {"n": 2}
+    assert await replayer.next_due() is None

@@ -122,3 +122,48 @@ async def test_no_job_per_event() -> None:
         assert ids == ["prune", "sweep", WAKE_JOB]
     finally:
         scheduler.shutdown()
+
+
+async def test_a_tick_during_a_run_only_pokes_it() -> None:
+    """A wake-up while a run is going on leaves the wake-ups to that run: asking for the next due
+    time then could find events the run is about to claim, and wake again at once, in a loop."""
+    clock = FakeClock(start_ms=int(datetime(2030, 1, 1, tzinfo=UTC).timestamp() * 1000))
+    table = Table(clock)
+    asked: list[int] = []
+
+    async def poked() -> int | None:
+        return None
+
+    async def next_due() -> int | None:
+        asked.append(clock.now_ms())
+        return clock.now_ms()
+
+    scheduler = WakeUpScheduler(
+        run_due=poked,
+        next_due=next_due,
+        prune=table.prune,
+        clock=clock,
+        sweep_seconds=15,
+        prune_seconds=600,
+    )
+    scheduler.start()
+    try:
+        await scheduler.tick()
+        assert asked == []
+        assert scheduler.wake_at is None
+    finally:
+        scheduler.shutdown()
+
+
+async def test_wake_ups_are_not_refused_while_one_runs() -> None:
+    """The wake job may fire again while an earlier wake-up's long run goes on."""
+    clock = FakeClock(start_ms=int(datetime(2030, 1, 1, tzinfo=UTC).timestamp() * 1000))
+    scheduler = _scheduler(clock, Table(clock))
+    scheduler.start()
+    try:
+        scheduler.wake(clock.now_ms() + 1_000)
+        job = scheduler._scheduler.get_job(WAKE_JOB)
+        assert job is not None
+        assert job.max_instances > 1
+    finally:
+        scheduler.shutdown()
