@@ -13,7 +13,7 @@ import itertools
 import json
 import logging
 import random
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -460,6 +460,12 @@ class _StateChecks:
         task.add_done_callback(_retrieve)
         self._tasks[event.delay_id] = task
 
+    def forget(self, event: DelayedEvent) -> None:
+        """`event` is handled: a check started for it and not taken (it was not sent) stops."""
+        task = self._tasks.pop(event.delay_id, None)
+        if task is not None:
+            task.cancel()
+
     def close(self) -> None:
         """Stop the checks of events that were not sent (taken over by another replica)."""
         for task in self._tasks.values():
@@ -475,15 +481,20 @@ class _Run:
     Each room has a queue, worked through by one task, in claim order (so in send-time order),
     group by group (`next_group`); rooms go side by side. At most `_BATCH` claimed events wait
     in the queues, so a burst is claimed as it is worked off and a replica never holds more than
-    it is about to send. Each claim keeps its own lease alive (`_ClaimKeeper`); the outcomes of
-    sent events are written by one `_OutcomeWriter`, and the run ends only once they are."""
+    it is about to send. The leases of everything it holds are kept alive (`_ClaimKeeper`); the
+    outcomes of sent events are written by one `_OutcomeWriter`, and the run ends only once they
+    are."""
 
     def __init__(self, replayer: Replayer) -> None:
         self._replayer = replayer
         self._queues: dict[str, deque[DelayedEvent]] = {}
         self._rooms: dict[str, asyncio.Task[None]] = {}
         self._keeper = _ClaimKeeper(replayer)
+        # The sealed tokens of the devices whose events are queued or being sent, and how many of
+        # those each has: a run can go on as long as events keep falling due, so a device's
+        # token is dropped as soon as none of its claimed events is left.
         self._blobs: dict[tuple[str, str | None], bytes] = {}
+        self._uses: Counter[tuple[str, str | None]] = Counter()
         self._changed = asyncio.Event()
         self._full = False
         self._writer = _OutcomeWriter(replayer, on_written=self._written)
@@ -502,6 +513,12 @@ class _Run:
         # Until its outcome is written an event stays under the claim's renewal: a lapsed claim
         # of a sent event must not let another replica send it again.
         self._keeper.done(event)
+        self._checks.forget(event)
+        device = (event.user_id, event.device_id)
+        self._uses[device] -= 1
+        if self._uses[device] <= 0:
+            del self._uses[device]
+            self._blobs.pop(device, None)
         if event.state_key is not None:
             self.poke()  # finalised: the next state event for its key may be claimed
 
@@ -543,6 +560,7 @@ class _Run:
         if not events:
             return 0
         self._keeper.add(events, now)
+        self._uses.update((e.user_id, e.device_id) for e in events)
         for event in events:
             self._queues.setdefault(event.room_id, deque()).append(event)
             if event.room_id not in self._rooms:
@@ -633,10 +651,11 @@ class _ClaimKeeper:
             async with self._lock:
                 if self._due_for_renewal(lease):
                     now = self._replayer.clock.now_ms()
+                    asked = sorted(self._claims.items())
                     async with self._replayer.engine.begin() as conn:
-                        self._held = await repo.renew_claims(
-                            conn, sorted(self._claims.items()), now + lease
-                        )
+                        renewed = await repo.renew_claims(conn, asked, now + lease)
+                    # Events claimed while the renewal was on its way are held all the same.
+                    self._held = (self._held - {delay_id for delay_id, _ in asked}) | renewed
                     self._renewed_at = now
         return event.delay_id in self._held
 

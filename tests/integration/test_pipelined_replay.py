@@ -18,6 +18,7 @@ from app.main import create_app
 from tests.conftest import make_settings
 from tests.integration.common import (
     ALICE,
+    BOB,
     ROOM,
     get_event,
     rows,
@@ -389,3 +390,50 @@ async def test_a_state_event_waiting_for_its_key_sets_no_wake_up(
     assert await run_due(app) == 2
     assert homeserver.state[(ROOM, MEMBER, "k")]["content"] == {"n": 2}
     assert await replayer.next_due() is None
+
+
+async def test_a_run_lets_go_of_a_device_token_once_its_events_are_handled(
+    database_url: str, clean_db: None, clock: FakeClock, homeserver: FakeHomeserver
+) -> None:
+    """A run can go on as long as events keep falling due; it holds a device's sealed token only
+    while events of that device are queued or being sent."""
+    holder: list[FastAPI] = []
+    held: list[set[tuple[str, str | None]]] = []
+    alice = ("@alice:test", "ALICEDEV")
+
+    async def watch(request: httpx.Request) -> httpx.Response:
+        if request.method == "PUT" and "other" in request.url.raw_path.decode():
+            run = holder[0].state.container.service.replayer._run
+            assert run is not None
+            held.append(set(run._blobs))
+            if len(held) == 8:
+                # Give alice's outcome time to be written (real database I/O), then look again.
+                for _ in range(500):
+                    if alice not in run._blobs:
+                        break
+                    await asyncio.sleep(0.01)
+                held.append(set(run._blobs))
+        return homeserver.handle(request)
+
+    app = create_app(
+        make_settings(database_url),
+        clock=clock,
+        transport=httpx.MockTransport(watch),
+        start_scheduler=False,
+    )
+    holder.append(app)
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://sidecar.test") as c:
+            await schedule_message(c, 1000, txn="alice")
+            for n in range(8):
+                await schedule_message(c, 1000, txn=f"b{n}", headers=BOB, room="%21other%3Atest")
+        clock.advance(1000)
+        assert await run_due(app) == 9
+    finally:
+        await app.state.container.homeserver.client.aclose()
+        await app.state.container.engine.dispose()
+    bob = ("@bob:test", "BOBDEV")
+    assert all(bob in devices for devices in held)
+    assert alice in held[0]  # claimed together
+    assert alice not in held[-1]  # her one event was handled long before bob's last
