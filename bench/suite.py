@@ -50,6 +50,8 @@ FULL = Plan(
         Case(2000, 1, 2.0, "message"),
         Case(2000, 100, 2.0, "message"),
         Case(50, 1, 0.0, "leave"),
+        Case(10, 10, 0.0, "message"),
+        Case(25, 25, 0.0, "message"),
         Case(50, 50, 0.0, "message"),
     ),
     scale_rows=1_000_000,
