@@ -189,6 +189,10 @@ class Replayer:
         """Send a due event and record how it went; True if its outcome was handed to `writer`
         (sent), False if already written."""
         if credential is None:
+            logger.warning(
+                "no usable access token for %s (its device's token is gone); finalised as failed",
+                log_id(event.delay_id),
+            )
             await self._finalise_failed(
                 event,
                 {
@@ -556,11 +560,14 @@ class _Run:
         async with replayer.engine.begin() as conn:
             events = await repo.claim_due(conn, now, replayer._lease_ms, limit)
             devices = {(e.user_id, e.device_id) for e in events}
-            self._blobs.update(await repo.load_tokens(conn, devices))
+            blobs = await repo.load_tokens(conn, devices)
         if not events:
             return 0
-        self._keeper.add(events, now)
+        # The tokens and their counts go in together, with nothing awaited in between: an event
+        # of the same device handled meanwhile must not drop the token just loaded.
+        self._blobs.update(blobs)
         self._uses.update((e.user_id, e.device_id) for e in events)
+        self._keeper.add(events, now)
         for event in events:
             self._queues.setdefault(event.room_id, deque()).append(event)
             if event.room_id not in self._rooms:
