@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import httpx
@@ -14,8 +16,6 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from app import repository as repo
-from app.main import create_app
-from tests.conftest import make_settings
 from tests.integration.common import (
     ALICE,
     BOB,
@@ -26,9 +26,21 @@ from tests.integration.common import (
     schedule_message,
     schedule_state,
 )
+from tests.support.apps import app_and_client
 from tests.support.fakes import FakeClock, FakeHomeserver
 
 MEMBER = "m.call.member"
+
+
+def app_with(
+    handler: Callable[[httpx.Request], Awaitable[httpx.Response]],
+    database_url: str,
+    clock: FakeClock,
+    **settings: Any,
+) -> AbstractAsyncContextManager[tuple[FastAPI, httpx.AsyncClient]]:
+    """An app whose homeserver is `handler` (which hands on to the fake homeserver after doing
+    what the test needs), and a client for it."""
+    return app_and_client(database_url, clock, httpx.MockTransport(handler), **settings)
 
 
 def last_segment(request: httpx.Request) -> str:
@@ -228,22 +240,11 @@ async def test_messages_of_a_room_still_wait_for_each_answer(
         in_flight -= 1
         return homeserver.handle(request)
 
-    app = create_app(
-        make_settings(database_url),
-        clock=clock,
-        transport=httpx.MockTransport(slow),
-        start_scheduler=False,
-    )
-    try:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://sidecar.test") as c:
-            for n in range(5):
-                await schedule_message(c, 1000, txn=f"t{n}", headers=ALICE)
+    async with app_with(slow, database_url, clock) as (app, c):
+        for n in range(5):
+            await schedule_message(c, 1000, txn=f"t{n}", headers=ALICE)
         clock.advance(1000)
         assert await run_due(app) == 5
-    finally:
-        await app.state.container.homeserver.client.aclose()
-        await app.state.container.engine.dispose()
     assert most == 1
     assert len(homeserver.messages) == 5
 
@@ -272,12 +273,6 @@ async def test_call_memberships_of_a_room_go_out_side_by_side_within_the_limit(
         in_flight.discard(name)
         return homeserver.handle(request)
 
-    app = create_app(
-        make_settings(database_url, replay_concurrency=3),
-        clock=clock,
-        transport=httpx.MockTransport(slow),
-        start_scheduler=False,
-    )
     plan = [
         ("a", MEMBER),
         ("b", MEMBER),
@@ -286,18 +281,13 @@ async def test_call_memberships_of_a_room_go_out_side_by_side_within_the_limit(
         ("pl", "m.room.power_levels"),
     ]
     plan += [("e", MEMBER), ("f", MEMBER)]
-    try:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://sidecar.test") as c:
-            for n, (key, kind) in enumerate(plan):
-                await schedule_state(c, 1000 + n, key=key, kind=kind)
-            await schedule_message(c, 1000 + len(plan), txn="msg")
-            await schedule_state(c, 1001 + len(plan), key="g")
+    async with app_with(slow, database_url, clock, replay_concurrency=3) as (app, c):
+        for n, (key, kind) in enumerate(plan):
+            await schedule_state(c, 1000 + n, key=key, kind=kind)
+        await schedule_message(c, 1000 + len(plan), txn="msg")
+        await schedule_state(c, 1001 + len(plan), key="g")
         clock.advance(2000)
         assert await run_due(app) == len(plan) + 2
-    finally:
-        await app.state.container.homeserver.client.aclose()
-        await app.state.container.engine.dispose()
     assert most == 3  # side by side, but never more than the limit
     assert overlaps["a"] & {"b", "c"}
     # The power-level change and the message each went alone...
@@ -339,36 +329,19 @@ async def test_a_long_room_does_not_hold_up_an_event_that_falls_due_meanwhile(
                     await asyncio.wait_for(other_sent.wait(), timeout=5)
         return homeserver.handle(request)
 
-    app = create_app(
-        make_settings(database_url),
-        clock=clock,
-        transport=httpx.MockTransport(slow),
-        start_scheduler=False,
-    )
-    holder.append(app)
-    try:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://sidecar.test") as c:
-            for n in range(6):
-                await schedule_message(c, 1000, txn=f"busy{n}")
-            other = await schedule_message(c, 2500, txn="other", room="%21other%3Atest")
+    async with app_with(slow, database_url, clock) as (app, c):
+        holder.append(app)
+        for n in range(6):
+            await schedule_message(c, 1000, txn=f"busy{n}")
+        other = await schedule_message(c, 2500, txn="other", room="%21other%3Atest")
         clock.advance(1000)
         assert await run_due(app) == 7
-        assert (await get_event_app(app, other))["outcome"] == "send"
-    finally:
-        await app.state.container.homeserver.client.aclose()
-        await app.state.container.engine.dispose()
+        assert (await get_event(c, other))["outcome"] == "send"
     assert set(answers) == {None}
     sent = [last_segment(r) for r in homeserver.replays()]
     assert len(sent) == 7
     other_at = sent.index(f"msc4140.{other}")
     assert other_at < 6, f"the other room's event waited for the busy room: {other_at}"
-
-
-async def get_event_app(app: FastAPI, delay_id: str) -> dict[str, Any]:
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://sidecar.test") as c:
-        return await get_event(c, delay_id)
 
 
 async def test_a_state_event_waiting_for_its_key_sets_no_wake_up(
@@ -415,24 +388,13 @@ async def test_a_run_lets_go_of_a_device_token_once_its_events_are_handled(
                 held.append(set(run._blobs))
         return homeserver.handle(request)
 
-    app = create_app(
-        make_settings(database_url),
-        clock=clock,
-        transport=httpx.MockTransport(watch),
-        start_scheduler=False,
-    )
-    holder.append(app)
-    try:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://sidecar.test") as c:
-            await schedule_message(c, 1000, txn="alice")
-            for n in range(8):
-                await schedule_message(c, 1000, txn=f"b{n}", headers=BOB, room="%21other%3Atest")
+    async with app_with(watch, database_url, clock) as (app, c):
+        holder.append(app)
+        await schedule_message(c, 1000, txn="alice")
+        for n in range(8):
+            await schedule_message(c, 1000, txn=f"b{n}", headers=BOB, room="%21other%3Atest")
         clock.advance(1000)
         assert await run_due(app) == 9
-    finally:
-        await app.state.container.homeserver.client.aclose()
-        await app.state.container.engine.dispose()
     bob = ("@bob:test", "BOBDEV")
     assert all(bob in devices for devices in held)
     assert alice in held[0]  # claimed together

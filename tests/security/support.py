@@ -14,8 +14,7 @@ import httpx
 from fastapi import FastAPI
 from sqlalchemy import text
 
-from app.main import create_app
-from tests.conftest import make_settings
+from tests.support.apps import app_and_client
 from tests.support.fakes import FakeClock, FakeHomeserver
 
 
@@ -54,19 +53,8 @@ async def running(
 ) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
     """An application (scheduler stopped) on the test database, and a client for it; leaving the
     block is the process ending."""
-    app = create_app(
-        make_settings(database_url, **overrides),
-        clock=clock,
-        transport=homeserver.transport(),
-        start_scheduler=False,
-    )
-    try:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://sidecar.test") as c:
-            yield app, c
-    finally:
-        await app.state.container.homeserver.client.aclose()
-        await app.state.container.engine.dispose()
+    async with app_and_client(database_url, clock, homeserver.transport(), **overrides) as pair:
+        yield pair
 
 
 async def token_devices(app: FastAPI) -> set[tuple[str, str]]:
