@@ -4,6 +4,7 @@ and never commit: the caller's unit of work does."""
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,7 +172,7 @@ async def cancel(conn: AsyncConnection, delay_id: str, user_id: str | None, now:
     row = result.one_or_none()
     if row is None:
         return False
-    await forget_unused_token(conn, row.user_id, row.device_id)
+    await forget_unused_tokens(conn, [(row.user_id, row.device_id)])
     return True
 
 
@@ -269,7 +270,7 @@ async def finalise(
     )
     if result.rowcount != 1:
         return False
-    await forget_unused_token(conn, event.user_id, event.device_id)
+    await forget_unused_tokens(conn, [(event.user_id, event.device_id)])
     return True
 
 
@@ -329,15 +330,7 @@ async def finalise_sent_many(conn: AsyncConnection, outcomes: list[SentOutcome])
         },
     )
     done = set(result.scalars())
-    devices = sorted({(o.event.user_id, o.event.device_id or "") for o in ordered})
-    await conn.execute(
-        _FORGET_UNUSED_TOKENS,
-        {
-            "scheduled": SCHEDULED,
-            "users": [user for user, _ in devices],
-            "devices": [device for _, device in devices],
-        },
-    )
+    await forget_unused_tokens(conn, ((o.event.user_id, o.event.device_id) for o in ordered))
     return done
 
 
@@ -478,8 +471,7 @@ async def cancel_by_newer_state(
         .returning(T.delay_id, T.user_id, T.device_id)
     )
     cancelled = list(result)
-    for user_id, device_id in {(row.user_id, row.device_id) for row in cancelled}:
-        await forget_unused_token(conn, user_id, device_id)
+    await forget_unused_tokens(conn, ((row.user_id, row.device_id) for row in cancelled))
     return [row.delay_id for row in cancelled]
 
 
@@ -570,22 +562,22 @@ async def load_tokens(
     return {keys[(row.user_id, row.device_id)]: bytes(row.token) for row in result}
 
 
-async def forget_unused_token(conn: AsyncConnection, user_id: str, device_id: str | None) -> None:
-    """Delete a device's token once none of its events is scheduled any more."""
-    still_needed = (
-        select(text("1"))
-        .select_from(delayed_event)
-        .where(
-            T.user_id == user_id,
-            func.coalesce(T.device_id, literal_column("''")) == (device_id or ""),
-            T.status == SCHEDULED,
-        )
-        .exists()
-    )
+async def forget_unused_tokens(
+    conn: AsyncConnection, devices: Iterable[tuple[str, str | None]]
+) -> None:
+    """Delete the tokens of these (user, device)s that none of their events needs any more (none
+    is scheduled), in one statement; devices are taken in key order, so two callers never wait
+    on each other crosswise."""
+    ordered = sorted({(user, device or "") for user, device in devices})
+    if not ordered:
+        return
     await conn.execute(
-        delete(device_token).where(
-            D.user_id == user_id, D.device_id == (device_id or ""), ~still_needed
-        )
+        _FORGET_UNUSED_TOKENS,
+        {
+            "scheduled": SCHEDULED,
+            "users": [user for user, _ in ordered],
+            "devices": [device for _, device in ordered],
+        },
     )
 
 
