@@ -345,15 +345,6 @@ def next_group(queue: deque[DelayedEvent]) -> list[DelayedEvent]:
     return group
 
 
-def in_order(room_events: Iterable[DelayedEvent]) -> list[list[DelayedEvent]]:
-    """A room's events as the groups sent one after the other (see `next_group`)."""
-    queue = deque(room_events)
-    groups = []
-    while queue:
-        groups.append(next_group(queue))
-    return groups
-
-
 def count_sent(event: DelayedEvent, reason: str, sent_at: int, *, done: bool) -> None:
     metrics.SENT.labels(event.generation, reason).inc()
     if reason == "delay":
@@ -363,7 +354,7 @@ def count_sent(event: DelayedEvent, reason: str, sent_at: int, *, done: bool) ->
 
 
 class _OutcomeWriter:
-    """Writes the outcomes of a batch's sent events in the background, as many to a statement as
+    """Writes the outcomes of a run's sent events in the background, as many to a statement as
     have come in meanwhile, while each room goes on with its next event.
 
     Sending on before an outcome is committed keeps every guarantee: a message repeated after a
@@ -371,8 +362,8 @@ class _OutcomeWriter:
     event for the same (room, type, state_key) can't be claimed before this one's outcome is
     committed (`repo.claim_due`), so per-key order does not depend on this writer. A write that
     fails leaves the rows claimed; their lease runs out and they are replayed (as the same
-    events). The batch ends, and the next claim is made, only once every outcome is written.
-    Refusals and retries are written by the room itself, before it goes on."""
+    events). The run ends only once every outcome is written. Refusals and retries are written
+    by the room itself, before it goes on."""
 
     def __init__(
         self, replayer: Replayer, on_written: Callable[[list[repo.SentOutcome]], None]

@@ -3,7 +3,9 @@ one per key; everything else alone, in send-time order."""
 
 from __future__ import annotations
 
-from app.replayer import in_order
+from collections import deque
+
+from app.replayer import next_group
 from app.repository import DelayedEvent
 
 MEMBER = "org.matrix.msc3401.call.member"
@@ -33,6 +35,15 @@ def event(name: str, kind: str, key: str | None) -> DelayedEvent:
         error=None,
         finalised_ts=None,
     )
+
+
+def in_order(events: list[DelayedEvent]) -> list[list[DelayedEvent]]:
+    """A room's events as the groups the replay sends one after the other."""
+    queue = deque(events)
+    groups = []
+    while queue:
+        groups.append(next_group(queue))
+    return groups
 
 
 def names(groups: list[list[DelayedEvent]]) -> list[list[str]]:
