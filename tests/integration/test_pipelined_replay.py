@@ -76,7 +76,7 @@ async def test_outcomes_of_a_room_are_written_together_and_in_order(
     clock.advance(2000)
     assert await run_due(app) == 6
     # Sent one after the other, in send-time order...
-    sent = [r.url.raw_path.decode().rsplit("/", 1)[-1] for r in homeserver.replays()]
+    sent = [last_segment(r) for r in homeserver.replays()]
     assert sent == [f"msc4140.{delay_id}" for delay_id in ids]
     # ...every outcome written exactly once, in fewer statements than events when the room
     # outran the writer (never more than one per event).
@@ -399,3 +399,27 @@ async def test_a_run_lets_go_of_a_device_token_once_its_events_are_handled(
     assert all(bob in devices for devices in held)
     assert alice in held[0]  # claimed together
     assert alice not in held[-1]  # her one event was handled long before bob's last
+
+
+async def test_a_run_goes_on_when_the_next_due_time_cannot_be_read(
+    client: httpx.AsyncClient,
+    app: FastAPI,
+    clock: FakeClock,
+    homeserver: FakeHomeserver,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """While rooms are busy the run asks for the next due time to set its wake-up; if the
+    database can't answer, the sweep finds the next event instead, and this run still ends."""
+    for n in range(3):
+        await schedule_message(client, 1000, txn=f"t{n}", room=f"%21r{n}%3Atest")
+    replayer = app.state.container.service.replayer
+
+    async def unreadable() -> int | None:
+        raise ConnectionError("database went away")
+
+    monkeypatch.setattr(replayer, "next_due", unreadable)
+    clock.advance(1000)
+    assert await run_due(app) == 3
+    assert len(homeserver.messages) == 3
+    assert "looking up the next due event failed" in caplog.text
