@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -180,3 +181,25 @@ class SynapseLog:
 
     def mentioning(self, text: str) -> list[tuple[str, str]]:
         return [(m, uri) for m, uri in self.settle() if text in uri]
+
+
+def raw_call(
+    base_url: str,
+    method: str,
+    target: str,
+    *,
+    headers: dict[str, str] | None = None,
+    body: bytes = b"",
+) -> Response:
+    """One request written byte for byte onto a socket: the request target goes out exactly as
+    given (a raw `#`, dot segments, anything), with no client library in between."""
+    parts = urlsplit(base_url)
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {parts.hostname}:{parts.port}"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    lines += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
+    request = "\r\n".join(lines).encode("latin-1") + body
+    with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 80), 30) as sock:
+        sock.sendall(request)
+        answer = http.client.HTTPResponse(sock)
+        answer.begin()
+        return Response(answer.status, answer.read(), answer.getheader("Content-Type") or "")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from devstack import nginx, procs
 
-from tests.e2e.support import call
+from tests.e2e.support import call, raw_call
 
 pytestmark = pytest.mark.e2e
 
@@ -175,6 +175,14 @@ TO_SIDECAR = {
     "gen B, type state": ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/delayed_event/state/t"),
     "delayed state key as delayed_events": ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/state/m.call/"
                                                    "delayed_events?org.matrix.msc4140.delay=1"),
+    "delay +600000": ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/send/m.room.message/t1"
+                             "?org.matrix.msc4140.delay=+600000"),
+    "delay 600000%20": ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/send/m.room.message/t1"
+                               "?org.matrix.msc4140.delay=600000%20"),
+    "delay -0": ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/state/m.call/{MEMBER_KEY}"
+                        "?org.matrix.msc4140.delay=-0"),
+    "delay empty": ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/send/m.room.message/t1"
+                           "?org.matrix.msc4140.delay="),
     "versions": ("GET", "/_matrix/client/versions"),
     "capabilities": ("GET", "/_matrix/client/v3/capabilities"),
 }  # fmt: skip
@@ -260,3 +268,109 @@ def test_deployed_snippets_are_what_the_stack_includes(proxy: Proxy) -> None:
     for name in ("sidecar-map.conf", "sidecar-locations.conf"):
         assert f"include {nginx.DEPLOY_DIR / name};" in text
         assert Path(nginx.DEPLOY_DIR / name).is_file()
+
+
+def raw_route(
+    proxy: Proxy, method: str, target: str, headers: dict[str, str] | None = None, body: bytes = b""
+) -> tuple[int, object, list[tuple[str, str, str]]]:
+    """A raw request line through nginx: the status, the JSON answer, what the upstreams saw."""
+    proxy.recorder.take()
+    answer = raw_call(proxy.url, method, target, headers=headers, body=body)
+    try:
+        body_json = answer.json()
+    except ValueError:
+        body_json = answer.body
+    return answer.status, body_json, proxy.recorder.take()
+
+
+SEND = f"/_matrix/client/v3/rooms/{ROOM}/send/m.room.message"
+STATE = f"/_matrix/client/v3/rooms/{ROOM}/state/m.call"
+LONG = "org.matrix.msc4140.delay=600000"
+
+# A raw `#` in the request target: nginx's $args and $uri stop at it, while the homeserver
+# (Twisted) splits the target at the first `?` only and keeps the `#` in the path or the query.
+# nginx cannot tell what the homeserver would read, so it refuses all of them.
+FRAGMENT = {
+    "bait before #": f"{SEND}/t1?x%41=1#&{LONG}",
+    "? then #": f"{SEND}/t1?#&{LONG}",
+    "# then ?": f"{SEND}/t1#?{LONG}",
+    "# in state key": f"{STATE}/k#?{LONG}",
+    "# in a plain send": f"{SEND}/t1#",
+    "# anywhere": "/_matrix/client/v3/sync#/../rooms",
+}
+
+# Encoded slashes next to dot segments: nginx decodes `%2F` and resolves the dot segments, so the
+# path it routes on leaves the send/state location, while the homeserver reads one segment.
+ENCODED_DOTS = {
+    "key %2F..": f"{STATE}/k%2F..%2F..%2F..?{LONG}",
+    "key ..%2F": f"{STATE}/..%2Fk?{LONG}",
+    "key %2F%2E%2E": f"{STATE}/k%2F%2E%2E%2F%2E%2E?{LONG}",
+    "key mixed case": f"{STATE}/k%2f%2e.%2F.%2E?{LONG}",
+    "txn %2F..": f"{SEND}/t1%2F..%2F..?{LONG}",
+    "txn %2F.": f"{SEND}/t1%2F.?{LONG}",
+    "room ..%2F": f"/_matrix/client/v3/rooms/..%2F..%2F/send/m.room.message/t1?{LONG}",
+}
+
+
+@pytest.mark.parametrize("target", FRAGMENT.values(), ids=FRAGMENT.keys())
+@pytest.mark.parametrize("method", ["PUT", "GET"])
+def test_a_raw_hash_is_refused(proxy: Proxy, method: str, target: str) -> None:
+    status, body, seen = raw_route(proxy, method, target)
+    assert (status, seen) == (400, []), body
+    assert isinstance(body, dict)
+    assert body["errcode"] == "M_UNRECOGNIZED"
+
+
+@pytest.mark.parametrize("target", ENCODED_DOTS.values(), ids=ENCODED_DOTS.keys())
+def test_encoded_dot_segments_with_a_delay_are_refused(proxy: Proxy, target: str) -> None:
+    status, body, seen = raw_route(proxy, "PUT", target)
+    assert (status, seen) == (400, []), body
+    assert isinstance(body, dict)
+    assert body["errcode"] == "M_UNRECOGNIZED"
+
+
+FORM = "application/x-www-form-urlencoded"
+FORM_TYPES = {
+    "urlencoded": FORM,
+    "upper case, charset": "Application/X-WWW-Form-URLEncoded; charset=utf-8",
+    "multipart": "multipart/form-data; boundary=xyz",
+}
+FORM_BODY = b'{"body":"x&org.matrix.msc4140.delay=600000&"}'
+
+
+@pytest.mark.parametrize("content_type", FORM_TYPES.values(), ids=FORM_TYPES.keys())
+@pytest.mark.parametrize(
+    ("method", "target"),
+    [("POST", SEND), ("PUT", f"{SEND}/t1"), ("PUT", f"{STATE}/k"), ("POST", f"{STATE}/k")],
+    ids=["post send", "put send", "put state", "post state"],
+)
+def test_form_bodies_go_to_the_sidecar(
+    proxy: Proxy, method: str, target: str, content_type: str
+) -> None:
+    """The homeserver merges form-encoded POST bodies into the query arguments, so a delay may
+    hide in the body: the sidecar judges (and refuses) those."""
+    status, body, seen = raw_route(proxy, method, target, {"Content-Type": content_type}, FORM_BODY)
+    assert status == 200, body
+    assert seen == [("sidecar", method, target)]
+
+
+def test_form_bodies_with_encoded_dot_segments_are_refused(proxy: Proxy) -> None:
+    status, body, seen = raw_route(
+        proxy, "POST", f"{SEND}%2F..%2F..", {"Content-Type": FORM}, FORM_BODY
+    )
+    assert (status, seen) == (400, []), body
+
+
+def test_json_bodies_still_go_to_the_homeserver(proxy: Proxy) -> None:
+    status, body, seen = raw_route(
+        proxy, "POST", SEND, {"Content-Type": "application/json"}, FORM_BODY
+    )
+    assert status == 200, body
+    assert seen == [("homeserver", "POST", SEND)]
+
+
+def test_encoded_slash_without_dots_is_routed_as_before(proxy: Proxy) -> None:
+    target = f"{STATE}/a%2F.b%2F..c?{LONG}"
+    status, body, seen = raw_route(proxy, "PUT", target)
+    assert status == 200, body
+    assert seen == [("sidecar", "PUT", target)]
