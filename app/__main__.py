@@ -46,6 +46,7 @@ def _configure_logging(settings: Settings) -> None:
 def serve(settings: Settings) -> None:
     import uvicorn
 
+    from app.api.middleware import http_protocol
     from app.main import create_app
 
     _configure_logging(settings)
@@ -61,6 +62,7 @@ def serve(settings: Settings) -> None:
         access_log=False,
         proxy_headers=True,
         server_header=False,
+        http=http_protocol(),
     )
 
 

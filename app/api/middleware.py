@@ -3,10 +3,11 @@ escapes a route into a Matrix error without a stack trace."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -27,6 +28,16 @@ _DATABASE_DOWN = (OperationalError, InterfaceError, PoolTimeout, ConnectionError
 # stops or starts, and SQLAlchemy wraps it as a plain DBAPIError.
 _UNAVAILABLE_SQLSTATES = ("08", "57P01", "57P02", "57P03")
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+# A dot segment (`.` or `..`, also as `%2e`) between slashes that may be encoded as `%2F`: a proxy
+# in front resolves those before routing while the homeserver reads the raw path, so the two may
+# disagree about what the request is.
+_DOT_SEGMENT = re.compile(rb"(?:/|%2f)(?:\.|%2e){1,2}(?=/|%2f|$)", re.IGNORECASE)
+_SEND_OR_STATE = re.compile(rb"^/_matrix/client/.+/rooms/[^/]+/(?:send|state)(?:/|$)")
+# The body types the homeserver (Twisted) merges into a POST's query parameters.
+_FORM_BODY = re.compile(rb"x-www-form-urlencoded|multipart/", re.IGNORECASE)
+# Set in the ASGI scope by the HTTP protocol when the raw request target held a `#`, which its
+# parser drops from both raw_path and query_string (see RawTargetProtocol).
+RAW_HASH_SEEN = "delayed_events.raw_hash"
 
 
 def _database_down(exc: BaseException) -> bool:
@@ -48,7 +59,13 @@ def _database_down(exc: BaseException) -> bool:
 class RawPathMiddleware:
     """Match routes against the path as the client sent it, still percent-encoded, so that an
     encoded `/` inside a state key stays inside its segment; routes decode each segment once.
-    Control characters, which no valid URL holds, are refused in the path and the query."""
+    Control characters, which no valid URL holds, are refused in the path and the query.
+
+    Requests the homeserver could read differently from the sidecar are refused (fail closed), so
+    that none is passed on or scheduled on a guess: a raw `#` in the request target (the homeserver
+    reads past it, HTTP parsers here stop at it), a dot segment in the path (a proxy resolves it,
+    also across `%2F`), and a form-encoded POST body on send/state (the homeserver merges its
+    fields into the query parameters, so a delay could hide there)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -62,12 +79,48 @@ class RawPathMiddleware:
             except UnicodeDecodeError:
                 await _send_json(send, 400, {"errcode": "M_INVALID_PARAM", "error": "Bad path"})
                 return
-            if _CONTROL.search(path) or _CONTROL.search(scope.get("query_string", b"")):
+            query = scope.get("query_string", b"")
+            if _CONTROL.search(path) or _CONTROL.search(query):
                 await _send_json(
                     send, 400, {"errcode": "M_INVALID_PARAM", "error": "Control character in URL"}
                 )
                 return
+            refusal = _unjudgeable(scope, raw, path, query)
+            if refusal is not None:
+                await _send_json(send, 400, {"errcode": "M_UNRECOGNIZED", "error": refusal})
+                return
         await self.app(scope, receive, send)
+
+
+def _unjudgeable(scope: Scope, raw: bytes, path: bytes, query: bytes) -> str | None:
+    """Why the request cannot be read for certain as the homeserver would, or None."""
+    if scope.get(RAW_HASH_SEEN) or b"#" in raw or b"#" in query:
+        return "Request targets must not contain a raw number sign (#)"
+    if _DOT_SEGMENT.search(path):
+        return "Request paths must not contain dot segments"
+    if scope["method"] == "POST" and _SEND_OR_STATE.match(path):
+        for name, value in scope.get("headers", []):
+            if name.lower() == b"content-type" and _FORM_BODY.search(value):
+                return "Send and state requests must not have a form-encoded body"
+    return None
+
+
+def http_protocol() -> type[asyncio.Protocol] | str:
+    """The HTTP implementation for uvicorn: httptools when installed, told to note a raw `#`
+    (httptools drops everything from it on), else h11 (which keeps the `#` in raw_path or
+    query_string, where RawPathMiddleware sees it)."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return "h11"
+
+    class RawTargetProtocol(HttpToolsProtocol):
+        def on_url(self, url: bytes) -> None:
+            super().on_url(url)
+            if b"#" in url:
+                cast(dict[str, Any], self.scope)[RAW_HASH_SEEN] = True
+
+    return RawTargetProtocol
 
 
 class MatrixEdgeMiddleware:
