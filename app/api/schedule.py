@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -20,9 +21,25 @@ from app.service import ScheduleRequest
 
 router = APIRouter()
 
-_A = "/_matrix/client/{version}/rooms/{room}"
+
+class _ClientVersion(Convertor[str]):
+    """The client-API version of a path: one segment, or Synapse's legacy two-segment `api/v1`."""
+
+    regex = "api/v1|[^/]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("client_version", _ClientVersion())
+
+_A = "/_matrix/client/{version:client_version}/rooms/{room}"
 _B_PREFIXES = ("/_matrix/client/v3", "/_matrix/client/unstable/org.matrix.msc4140")
-_A_VERSIONS = {"r0", "v3", "unstable"}
+# Every prefix under which Synapse serves send and state (the legacy `api/v1` included).
+_A_VERSIONS = {"r0", "v3", "unstable", "api/v1"}
 
 
 async def _schedule_a(

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.support import UNSTABLE, Room, SynapseLog, call, enc, unique
+from tests.e2e.support import UNSTABLE, Room, SynapseLog, call, enc, raw_call, unique
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_delay_reaches_synapse")]
 
@@ -45,6 +45,11 @@ SCHEDULED = {
     "with parent_delay_id": ("PUT", MESSAGE, "v3", f"{LONG}&org.matrix.msc4140.parent_delay_id=p1"),
     "parent_delay_id first": ("PUT", STATE, "r0", f"org.matrix.msc4140.parent_delay_id=p1&{LONG}"),
     "with sticky": ("PUT", MESSAGE, "v3", f"{LONG}&org.matrix.msc4354.sticky_duration_ms=1"),
+    # Synapse still serves send and state under the legacy prefix (client_patterns(..., v1=True)).
+    "api/v1 send with txn": ("PUT", MESSAGE, "api/v1", LONG),
+    "api/v1 send without txn": ("POST", MESSAGE_NO_TXN, "api/v1", LONG),
+    "api/v1 state with key": ("PUT", STATE, "api/v1", LONG),
+    "api/v1 state without key": ("PUT", STATE_NO_KEY, "api/v1", LONG),
 }  # fmt: skip
 
 # Forms outside WIRE.md's table that Synapse would still read as carrying a delay (other API
@@ -52,11 +57,13 @@ SCHEDULED = {
 # sidecar may schedule or refuse them; it must not pass them on.
 UNUSUAL = {
     "unstable prefix": ("PUT", MESSAGE, "unstable", LONG),
-    "api/v1 prefix": ("PUT", MESSAGE, "api/v1", LONG),
     "semicolon separator": ("PUT", MESSAGE, "v3", f"a=1;{LONG}"),
     "encoded letter in name": ("PUT", MESSAGE, "v3", "%6Frg.matrix.msc4140.delay=600000"),
     "parent_delay_id alone": ("PUT", STATE, "v3", "org.matrix.msc4140.parent_delay_id=p1"),
     "delay without value": ("PUT", MESSAGE, "v3", "org.matrix.msc4140.delay"),
+    "delay +600000": ("PUT", MESSAGE, "v3", "org.matrix.msc4140.delay=+600000"),
+    "delay 600000%20": ("PUT", STATE, "v3", "org.matrix.msc4140.delay=600000%20"),
+    "delay -0": ("PUT", MESSAGE, "v3", "org.matrix.msc4140.delay=-0"),
 }  # fmt: skip
 
 
@@ -116,3 +123,57 @@ def test_unusual_forms_never_reach_synapse(
     if status == 200:
         assert set(body) == {"delay_id"}
         cancel(room, body["delay_id"])
+
+
+FORM = "application/x-www-form-urlencoded"
+JSON = "application/json"
+
+# Raw request lines Synapse would read as delayed but nginx's own parser reads otherwise: a raw `#`
+# (Twisted splits at the first `?` only), encoded slashes next to dot segments (nginx resolves
+# them, the path leaves the send/state location), and form-encoded POST bodies (Twisted merges them
+# into the query parameters). (method, path after the room, rest of the target, content type,
+# body). nginx refuses them or hands them to the sidecar, which refuses them.
+CRAFTED: dict[str, tuple[str, str, str, str, bytes]] = {
+    "bait before #": ("PUT", "send/{type}/{txn}", f"?x%41=1#&{LONG}", JSON, b"{}"),
+    "? then #": ("PUT", "send/{type}/{txn}", f"?#&{LONG}", JSON, b"{}"),
+    "# then ?": ("PUT", "send/{type}/{txn}", f"#?{LONG}", JSON, b"{}"),
+    "# after state key": ("PUT", "state/{type}/k", f"#?{LONG}", JSON, b"{}"),
+    "state key %2F..": ("PUT", "state/{type}/k%2F..%2F..%2F..", f"?{LONG}", JSON, b"{}"),
+    "state key ..%2F": ("PUT", "state/{type}/..%2F..%2Fk", f"?{LONG}", JSON, b"{}"),
+    "state key %2F%2E%2E": ("PUT", "state/{type}/k%2F%2E%2E%2F%2e%2E", f"?{LONG}", JSON, b"{}"),
+    "txn %2F..": ("PUT", "send/{type}/{txn}%2F..%2F..", f"?{LONG}", JSON, b"{}"),
+    "form body in JSON": ("POST", "send/{type}", "", FORM, f'{{"a":"&{LONG}&"}}'.encode()),
+    "form body": ("POST", "send/{type}", "", f"{FORM}; charset=UTF-8", f"&{LONG}&".encode()),
+    "multipart body": (
+        "POST", "send/{type}", "", "multipart/form-data; boundary=b",
+        b'--b\r\nContent-Disposition: form-data; name="org.matrix.msc4140.delay"\r\n\r\n'
+        b"600000\r\n--b--\r\n",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "rest", "content_type", "body"), CRAFTED.values(), ids=CRAFTED.keys()
+)
+def test_crafted_request_lines_are_refused(
+    room: Room,
+    synapse_log: SynapseLog,
+    method: str,
+    path: str,
+    rest: str,
+    content_type: str,
+    body: bytes,
+) -> None:
+    event_type = unique("org.example.leak.")
+    target = f"/_matrix/client/v3/{room.path}/"
+    target += path.format(type=enc(event_type), txn=unique("txn")) + rest
+    answer = raw_call(
+        room.client_url,
+        method,
+        target,
+        headers={"Authorization": f"Bearer {room.token}", "Content-Type": content_type},
+        body=body,
+    )
+    assert answer.status == 400, answer
+    assert answer.json()["errcode"] == "M_UNRECOGNIZED"
+    assert_never_reached_synapse(room, synapse_log, event_type)
