@@ -25,7 +25,17 @@ PASSWORD = "correct horse battery staple"
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
     directory = Path(tempfile.mkdtemp(prefix="sidecar-e2e-"))
-    stack = Stack.up(directory, Ports.free())
+    # The sidecar logs at DEBUG here, so that the log checks (test_secrets_not_logged) cover
+    # every level it has.
+    level = os.environ.get("SIDECAR_LOG_LEVEL")
+    os.environ["SIDECAR_LOG_LEVEL"] = "DEBUG"
+    try:
+        stack = Stack.up(directory, Ports.free())
+    finally:
+        if level is None:
+            del os.environ["SIDECAR_LOG_LEVEL"]
+        else:
+            os.environ["SIDECAR_LOG_LEVEL"] = level
     try:
         yield stack
     finally:

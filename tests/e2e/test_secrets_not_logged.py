@@ -1,6 +1,7 @@
 """After real traffic through nginx (scheduling, actions, lookups, errors, replays that land and
 one the homeserver refuses), the sidecar's log holds no access token (Synapse's begin `syt_`), no
-`Bearer` and none of the event content."""
+`Bearer` and none of the event content, at DEBUG (the e2e stack's level); and no file nginx
+writes holds a token, however the client sent it."""
 
 from __future__ import annotations
 
@@ -77,8 +78,58 @@ def test_sidecar_log_holds_no_token_or_content(stack: Stack, alice: Account, roo
 
     log = stack.sidecar_log.read_text(errors="replace")
     assert "homeserver refused" in log  # the replays were logged
+    assert " DEBUG " in log  # at the most talkative level
     assert token not in log
     assert "syt_" not in log
     assert "Bearer" not in log
     assert mark not in log
     assert waiting not in log
+
+
+def test_tokens_in_the_query_reach_no_log(stack: Stack, alice: Account, room: Room) -> None:
+    """Clients may send the token as `?access_token=` (the spec allows it): ordinary traffic that
+    way, through nginx to both the sidecar and the homeserver, leaves it in no file of nginx's and
+    not in the sidecar's log."""
+    token = alice.access_token
+    base = f"/_matrix/client/v3/{room.path}"
+    spellings = ["access_token", "access%5Ftoken", "ACCESS_TOKEN"]
+    delay_ids = []
+    for name in spellings:
+        answer = call(
+            stack.client_url,
+            "PUT",
+            f"{base}/send/m.room.message/{unique('t')}?{DELAY}=600000&{name}={token}",
+            {"msgtype": "m.text", "body": "later"},
+            token=token,
+        )
+        assert answer.status == 200, answer
+        delay_ids.append(answer.json()["delay_id"])
+    for delay_id in delay_ids:
+        answer = call(
+            stack.client_url,
+            "POST",
+            f"{UNSTABLE}/delayed_events/{delay_id}/cancel?access_token={token}",
+            {},
+        )
+        assert answer.status == 200, answer
+    for target in (
+        f"{UNSTABLE}/delayed_events?access_token={token}&status=finalised",
+        f"/_matrix/client/v3/sync?access_token={token}&timeout=0;access_token={token}",
+        f"{base}/messages?dir=b&access_token={token}",
+        f"/_matrix/client/v3/capabilities?access_token={token}",
+    ):
+        answer = call(stack.client_url, "GET", target)
+        assert answer.status == 200, answer
+    answer = call(stack.client_url, "GET", f"/_matrix/client/v3/sync?access_token={token}x")
+    assert answer.status == 401
+
+    nginx_dir = stack.dir / "nginx"
+    files = [path for path in nginx_dir.rglob("*") if path.is_file()]
+    assert nginx_dir / "access.log" in files
+    for path in [*files, stack.sidecar_log]:
+        text = path.read_text(errors="replace")
+        assert token not in text, path
+        assert token.removeprefix("syt_") not in text, path
+    access = (nginx_dir / "access.log").read_text()
+    redacted = "access_token=REDACTED&timeout=0;access_token=REDACTED"
+    assert f"/_matrix/client/v3/sync?{redacted} HTTP/1.1" in access
