@@ -9,7 +9,6 @@ it broken copies and see it complain.
 from __future__ import annotations
 
 import copy
-import fnmatch
 import re
 from pathlib import Path
 from typing import Any
@@ -331,24 +330,45 @@ def copy_sources(text: str) -> list[str]:
     return sources
 
 
+def dockerignore_patterns(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def _ignore_rule(rule: str) -> re.Pattern[str]:
+    """A .dockerignore rule as a regex: `*` and `?` stay within one path segment, `**` spans any
+    number of them (none included)."""
+    out = ""
+    i = 0
+    while i < len(rule):
+        if rule.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif rule.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif rule[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif rule[i] == "?":
+            out, i = out + "[^/]", i + 1
+        else:
+            out, i = out + re.escape(rule[i]), i + 1
+    return re.compile(out)
+
+
 def ignored(path: str, patterns: list[str]) -> bool:
-    """Whether .dockerignore leaves `path` out of the build context (last matching rule wins)."""
+    """Whether .dockerignore leaves `path` out of the build context: the last rule matching the
+    path or one of its parent folders wins (a folder left out takes its contents with it)."""
+    parts = path.strip("/").split("/")
+    prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
     result = False
     for pattern in patterns:
         negate = pattern.startswith("!")
-        rule = pattern[1:] if negate else pattern
-        rule = rule.strip("/")
-        if fnmatch.fnmatch(path, rule) or fnmatch.fnmatch(path.split("/")[0], rule):
+        rule = _ignore_rule((pattern[1:] if negate else pattern).strip("/"))
+        if any(rule.fullmatch(prefix) for prefix in prefixes):
             result = not negate
     return result
 
 
 def context_problems(dockerfile: str, dockerignore: str, root: Path) -> list[str]:
-    patterns = [
-        line.strip()
-        for line in dockerignore.splitlines()
-        if line.strip() and not line.startswith("#")
-    ]
+    patterns = dockerignore_patterns(dockerignore)
     problems = []
     for source in copy_sources(dockerfile):
         source = source.rstrip("/")
@@ -484,3 +504,13 @@ def test_context_check_catches_an_excluded_copy_and_a_leaked_env_file() -> None:
     text = DOCKERFILE.read_text()
     assert context_problems(text, DOCKERIGNORE.read_text() + "\nmigrations\n", ROOT)
     assert context_problems(text, "**/__pycache__\n", ROOT)
+
+
+def test_dockerignore_rules_reach_into_folders() -> None:
+    patterns = dockerignore_patterns(DOCKERIGNORE.read_text())
+    assert not ignored("app/api/schedule.py", patterns)
+    assert not ignored("migrations/versions", patterns)
+    assert ignored("app/__pycache__/main.cpython-311.pyc", patterns)
+    assert ignored("migrations/versions/__pycache__", patterns)
+    assert ignored("tests/unit/test_settings.py", patterns)
+    assert ignored(".env", patterns)
