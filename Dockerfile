@@ -1,9 +1,8 @@
 # syntax=docker/dockerfile:1
 #
 # The delayed-events sidecar. Build:   docker build -t delayed-events-sidecar .
-# Schema (run once per release, before serving):
-#   docker run --rm -e SIDECAR_DATABASE_URL=... -e SIDECAR_HOMESERVER_URL=... \
-#     -e SIDECAR_TOKEN_KEYS=... delayed-events-sidecar migrate
+# Schema (run once per release, before serving; it needs the database URL only):
+#   docker run --rm -e SIDECAR_DATABASE_URL=... delayed-events-sidecar migrate
 # Serve:  docker run -p 127.0.0.1:8009:8009 -e ... delayed-events-sidecar
 # A key:  docker run --rm delayed-events-sidecar gen-key
 # docs/deploy.md has the whole guide.
@@ -22,15 +21,18 @@ COPY pyproject.toml ./
 RUN python -c "import tomllib; print('\\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
       > requirements.txt \
  && /opt/sidecar/bin/pip install -r requirements.txt
-# The project must still build as a package (`pip install .`); every image build proves it.
+# The package: the code and its migrations, built as a wheel and installed into the virtualenv.
+# `python -m app migrate` finds the migrations inside the installed package; no source tree is
+# needed at run time (tests/integration/test_image_build.py replays these steps).
 COPY README.md ./
 COPY app ./app
-RUN /opt/sidecar/bin/pip wheel --no-deps --wheel-dir /tmp/wheel .
+COPY migrations ./migrations
+RUN /opt/sidecar/bin/pip wheel --no-deps --wheel-dir /tmp/wheel . \
+ && /opt/sidecar/bin/pip install --no-deps /tmp/wheel/*.whl
 
-# --- runtime: the virtualenv, the migrations, an unprivileged user; no compilers, no pip cache ---
+# --- runtime: the virtualenv alone, an unprivileged user; no compilers, no pip cache ---
 FROM ${PYTHON_IMAGE} AS runtime
 ENV PATH=/opt/sidecar/bin:$PATH \
-    PYTHONPATH=/srv/sidecar \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     SIDECAR_LISTEN_HOST=0.0.0.0 \
@@ -39,13 +41,7 @@ RUN groupadd --system --gid 10009 sidecar \
  && useradd --system --uid 10009 --gid sidecar --no-create-home --home-dir /nonexistent \
       --shell /usr/sbin/nologin sidecar
 COPY --from=build /opt/sidecar /opt/sidecar
-# The code runs from this source tree, next to alembic.ini and migrations/, where `migrate`
-# looks for them (an installed wheel does not carry the migrations).
-WORKDIR /srv/sidecar
-COPY alembic.ini ./
-COPY migrations ./migrations
-COPY app ./app
-RUN python -m compileall -q app migrations
+WORKDIR /opt/sidecar
 USER sidecar:sidecar
 EXPOSE 8009
 # /health answers 200 while the process is alive; readiness (database, scheduler) is /ready.

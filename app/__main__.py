@@ -1,5 +1,5 @@
 """Command line: `python -m app serve | migrate | gen-key | check-config |
-appservice-registration --server-name NAME [--output FILE]`."""
+appservice-registration --server-name NAME [--output FILE]`, or `--version`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import logging
 import sys
 from pathlib import Path
 
-from app.settings import Settings, SettingsError, load_settings
+from app.settings import Settings, SettingsError, load_database_settings, load_settings
+from app.version import DISTRIBUTION, version
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,6 +51,7 @@ def serve(settings: Settings) -> None:
     from app.main import create_app
 
     _configure_logging(settings)
+    logging.getLogger(__name__).info("%s %s starting", DISTRIBUTION, version())
     app = create_app(settings)
     # What start-up built lives as long as the process: keep it out of the collector's full
     # passes, which otherwise walk it all again and again under load.
@@ -68,6 +70,7 @@ def serve(settings: Settings) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"{DISTRIBUTION} {version()}")
     parser.add_argument(
         "command",
         choices=["serve", "migrate", "gen-key", "check-config", "appservice-registration"],
@@ -94,14 +97,16 @@ def main(argv: list[str] | None = None) -> int:
         print(new_key())  # noqa: T201
         return 0
     try:
+        if args.command == "migrate":
+            # An init container or a one-off job needs the database URL and nothing else.
+            migrate(load_database_settings().database_url)
+            return 0
         settings = load_settings()
     except SettingsError as exc:
         print(exc, file=sys.stderr)  # noqa: T201
         return 2
     if args.command == "check-config":
         print("settings are valid")  # noqa: T201
-    elif args.command == "migrate":
-        migrate(settings.database_url)
     else:
         serve(settings)
     return 0

@@ -29,6 +29,7 @@ from app.replayer import Replayer
 from app.scheduler import WakeUpScheduler
 from app.service import DelayedEventService
 from app.settings import Settings
+from app.version import version
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def create_app(
 
     app = FastAPI(
         title="MSC4140 delayed-events sidecar",
-        version="0.1.0",
+        version=version(),
         lifespan=lifespan,
         redirect_slashes=False,
     )

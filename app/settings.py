@@ -1,25 +1,92 @@
-"""Settings, read from `SIDECAR_*` environment variables and validated once at start."""
+"""Settings, read from `SIDECAR_*` environment variables and validated once at start. A secret
+setting may come from a file instead: `SIDECAR_<NAME>_FILE` names it (Docker and Kubernetes
+secrets)."""
 
 from __future__ import annotations
 
 import base64
 import binascii
-from typing import Annotated
+import os
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 ENV_PREFIX = "SIDECAR_"
+# The settings that may be read from a file named by SIDECAR_<NAME>_FILE.
+SECRET_SETTINGS = ("database_url", "token_keys", "appservice_token")
 
 
-class Settings(BaseSettings):
-    """Every setting of the sidecar. The README lists them with their defaults."""
+class _SecretFiles(PydanticBaseSettingsSource):
+    """`SIDECAR_<NAME>_FILE=path`: the secret setting NAME is the file's text, without its trailing
+    newline. Setting both the variable and its file is an error, not a silent choice."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        environ = {key.upper(): value for key, value in os.environ.items()}
+        values: dict[str, Any] = {}
+        for name in SECRET_SETTINGS:
+            if name not in self.settings_cls.model_fields:
+                continue
+            var = ENV_PREFIX + name.upper()
+            path = environ.get(var + "_FILE")
+            if path is None:
+                continue
+            if var in environ:
+                raise SettingsError(
+                    f"invalid settings:\n  {var} and {var}_FILE are both set; set one"
+                )
+            try:
+                values[name] = Path(path).read_text().rstrip("\r\n")
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = getattr(exc, "strerror", None) or type(exc).__name__
+                raise SettingsError(
+                    f"invalid settings:\n  {var}_FILE: cannot read {path} ({reason})"
+                ) from None
+        return values
+
+
+class DatabaseSettings(BaseSettings):
+    """The database alone: all `migrate` needs."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
     database_url: str = Field(
         description="PostgreSQL URL, e.g. postgresql://user:pass@host:5432/db",
     )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _SecretFiles(settings_cls))
+
+    @field_validator("database_url")
+    @classmethod
+    def _asyncpg_driver(cls, value: str) -> str:
+        for prefix in ("postgresql://", "postgres://", "postgresql+asyncpg://"):
+            if value.startswith(prefix):
+                return "postgresql+asyncpg://" + value[len(prefix) :]
+        raise ValueError("must start with postgresql:// (or postgresql+asyncpg://)")
+
+
+class Settings(DatabaseSettings):
+    """Every setting of the sidecar. docs/deploy.md lists them with their defaults."""
+
     homeserver_url: str = Field(
         description="The homeserver's client-server API, as the sidecar reaches it directly",
     )
@@ -63,14 +130,6 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     database_pool_size: int = Field(default=10, ge=1)
 
-    @field_validator("database_url")
-    @classmethod
-    def _asyncpg_driver(cls, value: str) -> str:
-        for prefix in ("postgresql://", "postgres://", "postgresql+asyncpg://"):
-            if value.startswith(prefix):
-                return "postgresql+asyncpg://" + value[len(prefix) :]
-        raise ValueError("must start with postgresql:// (or postgresql+asyncpg://)")
-
     @field_validator("homeserver_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
@@ -111,10 +170,22 @@ class SettingsError(Exception):
     """The environment does not describe a valid configuration; the message says what to fix."""
 
 
+_Kind = TypeVar("_Kind", bound=DatabaseSettings)
+
+
 def load_settings() -> Settings:
     """Read the environment, turning pydantic's report into one line per wrong setting."""
+    return _load(Settings)
+
+
+def load_database_settings() -> DatabaseSettings:
+    """The database setting alone (`migrate`), reported like load_settings()."""
+    return _load(DatabaseSettings)
+
+
+def _load(kind: type[_Kind]) -> _Kind:
     try:
-        return Settings()
+        return kind()
     except ValidationError as exc:
         lines = []
         for err in exc.errors():

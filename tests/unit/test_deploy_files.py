@@ -1,6 +1,8 @@
-"""Static checks of the container files: docker-compose.yml, the Dockerfile, .dockerignore and the
-configs they mount. No Docker engine is needed; the files are read and cross-checked against the
-settings the sidecar defines and the ports the local stack uses.
+"""Static checks of the deployment files: docker-compose.yml, the Dockerfile, .dockerignore and the
+configs they mount, the systemd unit (also through `systemd-analyze` where the machine has it) and
+the Kubernetes manifests (through `kubernetes-validate`). No Docker engine or cluster is needed;
+the files are read and cross-checked against the settings the sidecar defines and the ports the
+local stack uses.
 
 Each check is a function that returns the problems it finds, so that the tests below can also feed
 it broken copies and see it complain.
@@ -9,16 +11,18 @@ it broken copies and see it complain.
 from __future__ import annotations
 
 import copy
-import fnmatch
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 from devstack.stack import Ports
 
-from app.settings import Settings
+from app.settings import ENV_PREFIX, SECRET_SETTINGS, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -331,24 +335,45 @@ def copy_sources(text: str) -> list[str]:
     return sources
 
 
+def dockerignore_patterns(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def _ignore_rule(rule: str) -> re.Pattern[str]:
+    """A .dockerignore rule as a regex: `*` and `?` stay within one path segment, `**` spans any
+    number of them (none included)."""
+    out = ""
+    i = 0
+    while i < len(rule):
+        if rule.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif rule.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif rule[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif rule[i] == "?":
+            out, i = out + "[^/]", i + 1
+        else:
+            out, i = out + re.escape(rule[i]), i + 1
+    return re.compile(out)
+
+
 def ignored(path: str, patterns: list[str]) -> bool:
-    """Whether .dockerignore leaves `path` out of the build context (last matching rule wins)."""
+    """Whether .dockerignore leaves `path` out of the build context: the last rule matching the
+    path or one of its parent folders wins (a folder left out takes its contents with it)."""
+    parts = path.strip("/").split("/")
+    prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
     result = False
     for pattern in patterns:
         negate = pattern.startswith("!")
-        rule = pattern[1:] if negate else pattern
-        rule = rule.strip("/")
-        if fnmatch.fnmatch(path, rule) or fnmatch.fnmatch(path.split("/")[0], rule):
+        rule = _ignore_rule((pattern[1:] if negate else pattern).strip("/"))
+        if any(rule.fullmatch(prefix) for prefix in prefixes):
             result = not negate
     return result
 
 
 def context_problems(dockerfile: str, dockerignore: str, root: Path) -> list[str]:
-    patterns = [
-        line.strip()
-        for line in dockerignore.splitlines()
-        if line.strip() and not line.startswith("#")
-    ]
+    patterns = dockerignore_patterns(dockerignore)
     problems = []
     for source in copy_sources(dockerfile):
         source = source.rstrip("/")
@@ -484,3 +509,286 @@ def test_context_check_catches_an_excluded_copy_and_a_leaked_env_file() -> None:
     text = DOCKERFILE.read_text()
     assert context_problems(text, DOCKERIGNORE.read_text() + "\nmigrations\n", ROOT)
     assert context_problems(text, "**/__pycache__\n", ROOT)
+
+
+def test_dockerignore_rules_reach_into_folders() -> None:
+    patterns = dockerignore_patterns(DOCKERIGNORE.read_text())
+    assert not ignored("app/api/schedule.py", patterns)
+    assert not ignored("migrations/versions", patterns)
+    assert ignored("app/__pycache__/main.cpython-311.pyc", patterns)
+    assert ignored("migrations/versions/__pycache__", patterns)
+    assert ignored("tests/unit/test_settings.py", patterns)
+    assert ignored(".env", patterns)
+
+
+# --- systemd ----------------------------------------------------------------------------------
+
+SYSTEMD_UNIT = ROOT / "deploy/systemd/msc4140-sidecar.service"
+SYSTEMD_PREFIX = "/opt/msc4140-sidecar/venv"
+HARDENING = {
+    "DynamicUser": "yes",
+    "NoNewPrivileges": "yes",
+    "ProtectSystem": "strict",
+    "ProtectHome": "yes",
+    "PrivateTmp": "yes",
+    "PrivateDevices": "yes",
+    "SystemCallFilter": "@system-service",
+    "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
+    "CapabilityBoundingSet": "",
+}
+
+
+def unit_entries(text: str) -> list[tuple[str, str, str]]:
+    """(section, key, value) for each line of a unit file."""
+    entries, section = [], ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        entries.append((section, key.strip(), value.strip()))
+    return entries
+
+
+def unit_problems(text: str) -> list[str]:
+    service = [(k, v) for s, k, v in unit_entries(text) if s == "Service"]
+    problems = []
+    for key, want in HARDENING.items():
+        if (key, want) not in service:
+            problems.append(f"[Service] lacks {key}={want}")
+    if not any(k == "EnvironmentFile" for k, _ in service):
+        problems.append("[Service] has no EnvironmentFile=")
+    starts = [v for k, v in service if k == "ExecStart"]
+    if starts != [f"{SYSTEMD_PREFIX}/bin/python -m app serve"]:
+        problems.append(f"ExecStart runs {starts}")
+    known = {ENV_PREFIX + f.upper() for f in Settings.model_fields}
+    known |= {ENV_PREFIX + f.upper() + "_FILE" for f in SECRET_SETTINGS}
+    for key, value in service:
+        if key != "Environment":
+            continue
+        for name in re.findall(r"(\w+)=", value):
+            if name.startswith(ENV_PREFIX) and name not in known:
+                problems.append(f"Environment sets {name}, which app/settings.py does not define")
+            if name.startswith(ENV_PREFIX) and name.removeprefix(ENV_PREFIX).lower() in (
+                SECRET_SETTINGS
+            ):
+                problems.append(f"Environment holds the secret {name} itself")
+    return problems
+
+
+def test_systemd_unit_is_hardened_and_uses_the_settings_names() -> None:
+    assert unit_problems(SYSTEMD_UNIT.read_text()) == []
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda t: t.replace("DynamicUser=yes", "User=root"),
+        lambda t: t.replace("ProtectSystem=strict", "ProtectSystem=full"),
+        lambda t: t.replace("SIDECAR_TOKEN_KEYS_FILE=", "SIDECAR_TOKEN_KEY_FILE="),
+        lambda t: t + "\n[Service]\nEnvironment=SIDECAR_TOKEN_KEYS=abc\n",
+    ],
+)
+def test_unit_check_catches(edit: Any) -> None:
+    assert unit_problems(edit(SYSTEMD_UNIT.read_text())) != []
+
+
+def _analyzable_unit(tmp_path: Path, text: str) -> Path:
+    """The unit with its install prefix moved under tmp_path, where a stand-in interpreter lives:
+    systemd-analyze checks that ExecStart's program exists."""
+    prefix = tmp_path / SYSTEMD_PREFIX.lstrip("/")
+    (prefix / "bin").mkdir(parents=True)
+    (prefix / "bin/python").write_text("#!/bin/sh\n")
+    (prefix / "bin/python").chmod(0o755)
+    unit = tmp_path / SYSTEMD_UNIT.name
+    unit.write_text(text.replace(SYSTEMD_PREFIX, str(prefix)))
+    return unit
+
+
+def _systemd_analyze(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["systemd-analyze", *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+needs_systemd_analyze = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None,
+    reason="systemd-analyze is not installed (Debian's systemd package has it)",
+)
+
+
+@needs_systemd_analyze
+def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
+    unit = _analyzable_unit(tmp_path, SYSTEMD_UNIT.read_text())
+    verified = _systemd_analyze("verify", str(unit))
+    assert verified.returncode == 0, verified.stderr
+    assert verified.stderr.strip() == "", verified.stderr  # no warnings either (unknown keys)
+
+
+@needs_systemd_analyze
+def test_systemd_analyze_finds_a_misspelt_key(tmp_path: Path) -> None:
+    text = SYSTEMD_UNIT.read_text().replace("ProtectHome=", "ProtectHomes=")
+    verified = _systemd_analyze("verify", str(_analyzable_unit(tmp_path, text)))
+    assert "ProtectHomes" in verified.stderr
+
+
+@needs_systemd_analyze
+@pytest.mark.parametrize("hardened", [True, False])
+def test_systemd_exposure_is_low(tmp_path: Path, hardened: bool) -> None:
+    text = SYSTEMD_UNIT.read_text()
+    if not hardened:
+        keep = ("Type", "DynamicUser", "ExecStart", "EnvironmentFile")
+        text = "\n".join(
+            line for line in text.splitlines() if "=" not in line or line.startswith(keep)
+        )
+    unit = _analyzable_unit(tmp_path, text)
+    # The exposure score runs from 0 (locked down) to 100; --threshold fails above it.
+    scored = _systemd_analyze("security", "--offline=yes", "--threshold=20", str(unit))
+    assert (scored.returncode == 0) == hardened, scored.stdout[-500:]
+
+
+# --- Kubernetes -------------------------------------------------------------------------------
+
+KUBERNETES_DIR = ROOT / "deploy/kubernetes"
+KUBERNETES_VERSION = "1.30.0"
+
+
+def kubernetes_documents(directory: Path = KUBERNETES_DIR) -> list[dict[str, Any]]:
+    docs = []
+    for path in sorted(directory.glob("*.yaml")):
+        docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+    return docs
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d.get("kind") == kind]
+
+
+def container_env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container.get("env") or []}
+
+
+def env_problems(where: str, container: dict[str, Any], needed: set[str]) -> list[str]:
+    known = {ENV_PREFIX + f.upper() for f in Settings.model_fields}
+    files = {ENV_PREFIX + f.upper() + "_FILE" for f in SECRET_SETTINGS}
+    secrets = {ENV_PREFIX + f.upper() for f in SECRET_SETTINGS}
+    env = container_env(container)
+    problems = []
+    for name, entry in env.items():
+        if name.startswith(ENV_PREFIX) and name not in known | files:
+            problems.append(f"{where} sets {name}, which app/settings.py does not define")
+        if name in secrets and "value" in entry:
+            problems.append(f"{where} holds the secret {name} itself, not a Secret reference")
+    for name in needed:
+        if name not in env and name + "_FILE" not in env:
+            problems.append(f"{where} lacks {name} (or {name}_FILE)")
+    return problems
+
+
+def kubernetes_problems(docs: list[dict[str, Any]]) -> list[str]:
+    problems = []
+    if by_kind(docs, "Secret"):
+        problems.append("a Secret's value is in the repository; reference it instead")
+    deployments, jobs, services = (by_kind(docs, k) for k in ("Deployment", "Job", "Service"))
+    if len(deployments) != 1 or len(jobs) != 1 or len(services) != 1:
+        return [*problems, "want one Deployment, one Job and one Service"]
+    deployment, job, service = deployments[0], jobs[0], services[0]
+    spec = deployment["spec"]
+    pod = spec["template"]["spec"]
+    if spec.get("replicas") != 2:
+        problems.append(f"the Deployment runs {spec.get('replicas')} replicas, not 2")
+    (container,) = pod["containers"]
+    ports = {p.get("name"): p["containerPort"] for p in container.get("ports") or []}
+    if ports.get("http") != SIDECAR_PORT:
+        problems.append(f"the container port is {ports}, not http: {SIDECAR_PORT}")
+    for probe, path in (("livenessProbe", "/health"), ("readinessProbe", "/ready")):
+        got = (container.get(probe) or {}).get("httpGet") or {}
+        if got.get("path") != path or got.get("port") not in ("http", SIDECAR_PORT):
+            problems.append(f"{probe} should GET {path} on the sidecar's port, has {got}")
+    # A drain: the pre-stop pause, then the slowest homeserver request in flight.
+    pause = (container.get("lifecycle") or {}).get("preStop", {}).get("exec", {}).get("command")
+    paused = int(pause[-1]) if pause and pause[0] == "sleep" else 0
+    timeout = Settings.model_fields["homeserver_timeout_seconds"].default
+    grace = pod.get("terminationGracePeriodSeconds", 30)
+    if grace < paused + timeout + 5:
+        problems.append(f"terminationGracePeriodSeconds {grace} < {paused} + {timeout} + 5 s")
+    required = {ENV_PREFIX + n.upper() for n, f in Settings.model_fields.items() if f.is_required()}
+    problems += env_problems("the Deployment", container, required)
+    secret_names = {(v.get("secret") or {}).get("secretName") for v in pod.get("volumes") or []} | {
+        (e.get("valueFrom") or {}).get("secretKeyRef", {}).get("name")
+        for e in container.get("env") or []
+    }
+    if not secret_names - {None}:
+        problems.append("the Deployment references no Secret")
+    (migrate,) = job["spec"]["template"]["spec"]["containers"]
+    if migrate.get("args") != ["migrate"]:
+        problems.append(f"the Job runs {migrate.get('args')}, not migrate")
+    if migrate.get("image") != container.get("image"):
+        problems.append("the Job and the Deployment run different images")
+    job_env = {n for n in container_env(migrate) if n.startswith(ENV_PREFIX)}
+    if job_env - {"SIDECAR_DATABASE_URL", "SIDECAR_DATABASE_URL_FILE"}:
+        problems.append(f"the Job needs the database URL alone, is given {sorted(job_env)}")
+    problems += env_problems("the Job", migrate, {"SIDECAR_DATABASE_URL"})
+    labels = spec["template"]["metadata"]["labels"]
+    selector = service["spec"].get("selector") or {}
+    if not selector or any(labels.get(k) != v for k, v in selector.items()):
+        problems.append(f"the Service selects {selector}, not the Deployment's pods {labels}")
+    targets = {p.get("targetPort") for p in service["spec"].get("ports") or []}
+    if not targets & {"http", SIDECAR_PORT}:
+        problems.append(f"the Service targets {targets}, not the sidecar's port")
+    return problems
+
+
+def test_kubernetes_manifests_are_valid() -> None:
+    docs = kubernetes_documents()
+    assert docs
+    for doc in docs:
+        # Raises with the offending field when a document does not fit the API's schema.
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_kubernetes_manifests_fit_the_sidecar() -> None:
+    assert kubernetes_problems(kubernetes_documents()) == []
+
+
+def _deployment(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return by_kind(docs, "Deployment")[0]
+
+
+def _container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    container: dict[str, Any] = _deployment(docs)["spec"]["template"]["spec"]["containers"][0]
+    return container
+
+
+KUBERNETES_BREAKAGES = {
+    "one replica": lambda d: _deployment(d)["spec"].update(replicas=1),
+    "no readiness probe": lambda d: _container(d).pop("readinessProbe"),
+    "liveness on /ready": lambda d: _container(d)["livenessProbe"]["httpGet"].update(path="/ready"),
+    "short grace": lambda d: _deployment(d)["spec"]["template"]["spec"].update(
+        terminationGracePeriodSeconds=5
+    ),
+    "secret inline": lambda d: _container(d)["env"].append(
+        {"name": "SIDECAR_TOKEN_KEYS", "value": "abc"}
+    ),
+    "secret manifest": lambda d: d.append({"kind": "Secret", "stringData": {"k": "v"}}),
+    "job given keys": lambda d: by_kind(d, "Job")[0]["spec"]["template"]["spec"]["containers"][0][
+        "env"
+    ].append({"name": "SIDECAR_TOKEN_KEYS_FILE", "value": "/x"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(KUBERNETES_BREAKAGES))
+def test_kubernetes_checks_catch(name: str) -> None:
+    docs = copy.deepcopy(kubernetes_documents())
+    KUBERNETES_BREAKAGES[name](docs)
+    assert kubernetes_problems(docs) != []
+
+
+def test_kubernetes_validation_catches_a_misspelt_field() -> None:
+    deployment = copy.deepcopy(_deployment(kubernetes_documents()))
+    deployment["spec"]["replica"] = deployment["spec"].pop("replicas")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
