@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter
 from starlette.requests import Request
 
-from app.api import openapi
+from app.api import history, openapi
 from app.api import requests as rq
 from app.api.deps import container
 from app.auth import Requester
@@ -112,6 +112,8 @@ def _add_routes(prefix: str, v1: bool) -> None:
         return await _act_from_body(request, delay_id, v1=v1)
 
     async def list_events(request: Request) -> dict[str, Any]:
+        if v1:
+            return await history.list_v1(request, legacy=_list)
         return await _list(request)
 
     async def get_event(request: Request, delay_id: str) -> dict[str, Any]:
