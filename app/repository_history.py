@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, or_, select, tuple_
+from sqlalchemy import Select, and_, or_, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.models import CANCELLED, FAILED, SCHEDULED, SENT, delayed_event
@@ -50,6 +50,14 @@ async def list_history(
 ) -> list[DelayedEvent]:
     """Up to `limit` events matching `where`, by (send_ts, delay_id) ascending (descending when
     `backwards`), strictly past the keyset position `after`."""
+    result = await conn.execute(history_statement(where, after=after, limit=limit))
+    return [DelayedEvent(*row) for row in result]
+
+
+def history_statement(
+    where: HistoryFilter, *, after: tuple[int, str] | None, limit: int
+) -> Select[Any]:
+    """The SELECT of `list_history` (the tests EXPLAIN it)."""
     query = select(*_COLUMNS).where(T.user_id == where.user_id)
     if where.status is not None:
         query = query.where(_STATUS[where.status])
@@ -69,5 +77,4 @@ async def list_history(
         query = query.order_by(T.send_ts.desc(), T.delay_id.desc())
     else:
         query = query.order_by(T.send_ts, T.delay_id)
-    result = await conn.execute(query.limit(limit))
-    return [DelayedEvent(*row) for row in result]
+    return query.limit(limit)
