@@ -161,6 +161,23 @@ OPENAPI: dict[str, Any] = {
     ]
 }
 
+# The v1 list: MSC4486's parameters, and the earlier v1 list's `status=finalised` and `delay_id`.
+V1_OPENAPI: dict[str, Any] = {
+    "parameters": [
+        *(p for p in OPENAPI["parameters"] if p["name"] != "status"),
+        _query_doc(
+            "status",
+            {"type": "string", "enum": [*STATUSES, _LEGACY_STATUS]},
+            "Only these events (finalised: the earlier v1 list's answer)",
+        ),
+        _query_doc(
+            "delay_id",
+            {"type": "array", "items": {"type": "string"}},
+            "Only these events (the earlier v1 list's answer)",
+        ),
+    ]
+}
+
 router.add_api_route(
     UNSTABLE + "/delayed_events",
     list_unstable,

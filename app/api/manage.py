@@ -142,7 +142,7 @@ def _add_routes(prefix: str, v1: bool) -> None:
         methods=["GET"],
         summary="List delayed events",
         operation_id=f"list_{tag}",
-        openapi_extra=openapi.LIST,
+        openapi_extra=history.V1_OPENAPI if v1 else openapi.LIST,
     )
     router.add_api_route(
         base + "/{delay_id}",
