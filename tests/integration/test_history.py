@@ -488,6 +488,9 @@ async def test_invalid_values(client: httpx.AsyncClient, prefix: str, query: str
         (V1, "?delay_id=abc&dir=b"),
         (V1, "?delay_id=abc&from_ts=1"),
         (V1, "?status=finalised&status=sent"),
+        (V1, f"?delay_id=abc&limit={HUGE}"),  # the earlier list's own checks
+        (V1, f"?status=finalised&limit={HUGE}"),
+        (UNSTABLE, f"?limit={HUGE}"),
     ],
 )
 async def test_parameters_of_the_other_list(
