@@ -100,6 +100,14 @@ Index(
     delayed_event.c.finalised_ts,
     postgresql_where=delayed_event.c.status != SCHEDULED,
 )
+# The bulk lookup (MSC4486): a user's whole history, scheduled and finalised, by send time in
+# either direction; its filters (status, room, type, time window) are applied along this order.
+Index(
+    "ix_delayed_event_user_send",
+    delayed_event.c.user_id,
+    delayed_event.c.send_ts,
+    delayed_event.c.delay_id,
+)
 Index(
     "uq_delayed_event_txn",
     delayed_event.c.user_id,

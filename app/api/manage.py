@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter
 from starlette.requests import Request
 
-from app.api import openapi
+from app.api import history, openapi
 from app.api import requests as rq
 from app.api.deps import container
 from app.auth import Requester
@@ -64,7 +64,9 @@ def _limit(request: Request, pairs: list[tuple[str, str, str]]) -> int:
     value = rq.single(pairs, "limit")
     if value is None:
         return _DEFAULT_LIMIT
-    if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= _MAX_LIMIT:
+    if not value.isascii() or not value.isdigit() or len(value.lstrip("0")) > 4:
+        raise InvalidParam(f"limit must be an integer from 1 to {_MAX_LIMIT}")
+    if not 1 <= int(value) <= _MAX_LIMIT:
         raise InvalidParam(f"limit must be an integer from 1 to {_MAX_LIMIT}")
     return int(value)
 
@@ -112,6 +114,8 @@ def _add_routes(prefix: str, v1: bool) -> None:
         return await _act_from_body(request, delay_id, v1=v1)
 
     async def list_events(request: Request) -> dict[str, Any]:
+        if v1:
+            return await history.list_v1(request, legacy=_list)
         return await _list(request)
 
     async def get_event(request: Request, delay_id: str) -> dict[str, Any]:
@@ -140,7 +144,7 @@ def _add_routes(prefix: str, v1: bool) -> None:
         methods=["GET"],
         summary="List delayed events",
         operation_id=f"list_{tag}",
-        openapi_extra=openapi.LIST,
+        openapi_extra=history.V1_OPENAPI if v1 else openapi.LIST,
     )
     router.add_api_route(
         base + "/{delay_id}",

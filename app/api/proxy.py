@@ -88,6 +88,7 @@ def _add_feature(c: Container, body: dict[str, Any]) -> None:
     if not isinstance(features, dict):
         features = {}
     features["org.matrix.msc4140"] = True
+    features["org.matrix.msc4486"] = True
     body["unstable_features"] = features
 
 

@@ -172,6 +172,9 @@ TO_SIDECAR = {
     "unstable list": ("GET", "/_matrix/client/unstable/org.matrix.msc4140/delayed_events"
                              "?status=finalised"),
     "v1 list": ("GET", "/_matrix/client/v1/delayed_events"),
+    "msc4486 list": ("GET", "/_matrix/client/unstable/org.matrix.msc4486/delayed_events"),
+    "msc4486 list, filtered": ("GET", "/_matrix/client/unstable/org.matrix.msc4486/delayed_events"
+                                      f"?dir=b&status=failed&room_id={ROOM}&from_ts=1&to_ts=9"),
     "v1 get one": ("GET", "/_matrix/client/v1/delayed_events/abcDEF123"),
     "gen B, type state": ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/delayed_event/state/t"),
     "delayed state key as delayed_events": ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/state/m.call/"
@@ -217,6 +220,8 @@ TO_HOMESERVER = {
                                         "delayed_event"),
     "event type delayed_event": ("PUT", f"/_matrix/client/v3/rooms/{ROOM}/state/delayed_event/k"),
     "synapse client": ("GET", "/_synapse/client/pick_username/account_details"),
+    "another msc's delayed_events": ("GET", "/_matrix/client/unstable/org.example.msc9999/"
+                                            "delayed_events"),
 }  # fmt: skip
 
 

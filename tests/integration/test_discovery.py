@@ -31,7 +31,11 @@ async def test_versions_adds_msc4140(client: httpx.AsyncClient, homeserver: Fake
     assert r.headers["content-type"].startswith("application/json")
     assert r.json() == {
         "versions": ["r0.6.1", "v1.11"],
-        "unstable_features": {"x.y": True, "org.matrix.msc4140": True},
+        "unstable_features": {
+            "x.y": True,
+            "org.matrix.msc4140": True,
+            "org.matrix.msc4486": True,
+        },
         "server": {"name": "fake"},
     }
     assert bearer(last_forwarded(homeserver, VERSIONS)) == "alice_token"
@@ -47,7 +51,10 @@ async def test_versions_without_feature_map(
     homeserver.versions_body = body
     r = await client.get(VERSIONS)
     assert r.status_code == 200
-    assert r.json() == {"versions": ["v1.11"], "unstable_features": {"org.matrix.msc4140": True}}
+    assert r.json() == {
+        "versions": ["v1.11"],
+        "unstable_features": {"org.matrix.msc4140": True, "org.matrix.msc4486": True},
+    }
     assert "authorization" not in last_forwarded(homeserver, VERSIONS).headers
 
 

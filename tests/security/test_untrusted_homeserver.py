@@ -67,7 +67,10 @@ async def test_wrong_types_in_discovery_are_repaired(
     r = await client.get(path, headers=ALICE)
     assert r.status_code == 200, r.text
     if path == VERSIONS:
-        assert r.json()["unstable_features"] == {"org.matrix.msc4140": True}
+        assert r.json()["unstable_features"] == {
+            "org.matrix.msc4140": True,
+            "org.matrix.msc4486": True,
+        }
     else:
         assert set(r.json()["capabilities"]) == {
             "m.delayed_events",

@@ -1,0 +1,188 @@
+"""The bulk lookup of MSC4486 on its unstable path, and the v1 list, which is the same lookup
+unless the request uses what only the earlier v1 list knew (`status=finalised`, `delay_id=`).
+
+Decisions where MSC4486 is silent (docs/decisions.md): `from_ts` is inclusive and `to_ts`
+exclusive, both bounds on the send time whatever `dir` is; a window whose `from_ts` is after its
+`to_ts` is refused; every parameter but `delay_id` may be given at most once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import APIRouter
+from starlette.requests import Request
+
+from app import history
+from app.api import requests as rq
+from app.api.deps import container
+from app.errors import InvalidParam
+from app.history import HistoryQuery
+from app.models import SCHEDULED
+from app.repository_history import STATUSES
+from app.service import render
+
+router = APIRouter()
+
+UNSTABLE = "/_matrix/client/unstable/org.matrix.msc4486"
+_MAX_LIMIT = 1000
+_DEFAULT_LIMIT = 100
+_MAX_TIMESTAMP = 2**63 - 1
+_MAX_ID_BYTES = 255
+# Parameters only MSC4486 knows: the earlier v1 list cannot honour them.
+_MSC4486_ONLY = ("from_ts", "to_ts", "dir", "room_id", "type")
+_LEGACY_STATUS = "finalised"
+
+Pairs = list[tuple[str, str, str]]
+
+
+def _timestamp(pairs: Pairs, name: str) -> int | None:
+    value = rq.single(pairs, name)
+    if value is None:
+        return None
+    digits = value.lstrip("0") if value.isascii() and value.isdigit() else None
+    if digits is None or len(digits) > 19 or int(digits or "0") > _MAX_TIMESTAMP:
+        raise InvalidParam(f"{name} must be a timestamp in milliseconds (a non-negative integer)")
+    return int(digits or "0")
+
+
+def _identifier(pairs: Pairs, name: str) -> str | None:
+    value = rq.single(pairs, name)
+    if value is not None and (not value or len(value.encode()) > _MAX_ID_BYTES):
+        raise InvalidParam(f"{name} must be 1 to {_MAX_ID_BYTES} bytes long")
+    return value
+
+
+def _limit(pairs: Pairs) -> int:
+    value = rq.single(pairs, "limit")
+    if value is None:
+        return _DEFAULT_LIMIT
+    if not value.isascii() or not value.isdigit() or len(value.lstrip("0")) > 4:
+        raise InvalidParam(f"limit must be an integer from 1 to {_MAX_LIMIT}")
+    if not 1 <= int(value) <= _MAX_LIMIT:
+        raise InvalidParam(f"limit must be an integer from 1 to {_MAX_LIMIT}")
+    return int(value)
+
+
+def parse_query(pairs: Pairs) -> HistoryQuery:
+    """The filters and direction of a bulk lookup; 400 M_INVALID_PARAM for what is unsupported."""
+    status = rq.single(pairs, "status")
+    if status is not None and status not in STATUSES:
+        raise InvalidParam(f"status must be one of {', '.join(STATUSES)}")
+    direction = rq.single(pairs, "dir")
+    if direction not in (None, "f", "b"):
+        raise InvalidParam("dir must be 'f' or 'b'")
+    from_ts = _timestamp(pairs, "from_ts")
+    to_ts = _timestamp(pairs, "to_ts")
+    if from_ts is not None and to_ts is not None and from_ts > to_ts:
+        raise InvalidParam("from_ts must not be after to_ts (both bound the send time)")
+    return HistoryQuery(
+        status=status,
+        room_id=_identifier(pairs, "room_id"),
+        event_type=_identifier(pairs, "type"),
+        from_ts=from_ts,
+        to_ts=to_ts,
+        backwards=direction == "b",
+    )
+
+
+async def _page(request: Request, pairs: Pairs) -> tuple[HistoryQuery, dict[str, Any]]:
+    c = container(request)
+    requester = await c.auth.required(request)
+    c.limits.manage(requester.user_id, "")
+    query = parse_query(pairs)
+    limit = _limit(pairs)
+    page = await history.lookup(
+        c.service, requester, query, from_token=rq.single(pairs, "from"), limit=limit
+    )
+    body: dict[str, Any] = {"delayed_events": [render(e) for e in page.events]}
+    if page.next_batch is not None:
+        body["next_batch"] = page.next_batch
+    return query, body
+
+
+async def list_unstable(request: Request) -> dict[str, Any]:
+    pairs = rq.query_pairs(request)
+    if any(key == "delay_id" for key, _, _ in pairs):
+        raise InvalidParam("delay_id is not a filter of this lookup; use /v1/delayed_events")
+    _, body = await _page(request, pairs)
+    return body
+
+
+async def list_v1(
+    request: Request, legacy: Callable[[Request], Awaitable[dict[str, Any]]]
+) -> dict[str, Any]:
+    """`GET /v1/delayed_events`: MSC4486's lookup, or `legacy` (the earlier v1 list) when asked
+    for `status=finalised` or by `delay_id`. Both answers carry `scheduled` and `finalised`."""
+    pairs = rq.query_pairs(request)
+    uses_legacy = any(
+        (key == "status" and value == _LEGACY_STATUS) or key == "delay_id"
+        for key, value, _ in pairs
+    )
+    if uses_legacy:
+        mixed = sorted({key for key, _, _ in pairs if key in _MSC4486_ONLY})
+        if mixed:
+            raise InvalidParam(
+                f"{', '.join(mixed)} cannot be combined with status=finalised or delay_id"
+            )
+        return await legacy(request)
+    query, body = await _page(request, pairs)
+    items = body["delayed_events"]
+    scheduled = [item for item in items if "finalised" not in item]
+    if query.status in (None, SCHEDULED):
+        body["scheduled"] = scheduled
+    if query.status != SCHEDULED:
+        body["finalised"] = [item for item in items if "finalised" in item]
+    return body
+
+
+def _query_doc(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": schema,
+        "description": description,
+    }
+
+
+_TIMESTAMP = {"type": "integer", "minimum": 0, "maximum": _MAX_TIMESTAMP}
+OPENAPI: dict[str, Any] = {
+    "parameters": [
+        _query_doc("from_ts", _TIMESTAMP, "Only events to be sent at or after this time (ms)"),
+        _query_doc("to_ts", _TIMESTAMP, "Only events to be sent before this time (ms)"),
+        _query_doc("dir", {"type": "string", "enum": ["f", "b"]}, "f: earliest first (default)"),
+        _query_doc("room_id", {"type": "string"}, "Only events of this room"),
+        _query_doc("type", {"type": "string"}, "Only events of this type"),
+        _query_doc("status", {"type": "string", "enum": list(STATUSES)}, "Only these events"),
+        _query_doc("from", {"type": "string"}, "next_batch of the previous page of this query"),
+        _query_doc("limit", {"type": "integer", "minimum": 1, "maximum": 1000}, "Page size"),
+    ]
+}
+
+# The v1 list: MSC4486's parameters, and the earlier v1 list's `status=finalised` and `delay_id`.
+V1_OPENAPI: dict[str, Any] = {
+    "parameters": [
+        *(p for p in OPENAPI["parameters"] if p["name"] != "status"),
+        _query_doc(
+            "status",
+            {"type": "string", "enum": [*STATUSES, _LEGACY_STATUS]},
+            "Only these events (finalised: the earlier v1 list's answer)",
+        ),
+        _query_doc(
+            "delay_id",
+            {"type": "array", "items": {"type": "string"}},
+            "Only these events (the earlier v1 list's answer)",
+        ),
+    ]
+}
+
+router.add_api_route(
+    UNSTABLE + "/delayed_events",
+    list_unstable,
+    methods=["GET"],
+    summary="Look up delayed events, scheduled and finalised, by send time (MSC4486)",
+    operation_id="list_msc4486",
+    openapi_extra=OPENAPI,
+)
