@@ -60,7 +60,7 @@ def test_version_comes_from_the_package_metadata(capsys: pytest.CaptureFixture[s
 def test_the_version_is_written_in_one_place() -> None:
     """pyproject.toml holds it; the code reads it from the installed package's metadata."""
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-    pattern = re.compile(rf"""(__version__|VERSION)\s*=|["']{re.escape(declared)}["']""")
+    pattern = re.compile(rf"""\b(__version__|VERSION)\s*=|["']{re.escape(declared)}["']""")
     for path in (ROOT / "app").rglob("*.py"):
         assert not pattern.search(path.read_text()), path
 
