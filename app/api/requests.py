@@ -12,12 +12,14 @@ from urllib.parse import unquote
 from starlette.requests import Request
 
 from app.errors import BadJson, InvalidParam, NotJson, TooLarge
+from app.homeserver import replayable_query
 from app.models import storable_text
 
 DELAY_PARAM = "org.matrix.msc4140.delay"
 PARENT_PARAM = "org.matrix.msc4140.parent_delay_id"
-# Never replayed: the delay itself, the ignored parent, and credentials.
-_CONSUMED = {DELAY_PARAM, PARENT_PARAM, "access_token"}
+# Who a replay acts as and when: with an application-service token the homeserver takes these
+# from the query, so they come from the replay's credential only, never from a client.
+IDENTITY_PARAMS = frozenset({"user_id", "device_id", "org.matrix.msc3202.device_id", "ts"})
 _MAX_ID = 255
 # Deeper JSON is refused: lookups render stored content inside a few more levels, and common
 # JSON libraries (serde_json's default is 128) refuse much deeper documents.
@@ -124,9 +126,19 @@ def single(pairs: list[tuple[str, str, str]], name: str) -> str | None:
     return values[0] if values else None
 
 
+def refuse_identity(pairs: list[tuple[str, str, str]]) -> None:
+    """Refuse a scheduling request that names who or when its event is sent as: the sidecar
+    authenticated the request as someone, and its event is sent as exactly them."""
+    for key, _, _ in pairs:
+        if key in IDENTITY_PARAMS:
+            raise InvalidParam(f"{key} cannot be given when scheduling a delayed event")
+
+
 def replayed_query(pairs: list[tuple[str, str, str]]) -> str:
-    """The raw query parameters to send on with the event (e.g. a sticky duration)."""
-    return "&".join(raw for key, _, raw in pairs if key not in _CONSUMED)
+    """The query to send on with the event: the allowlisted parameters (a sticky duration),
+    encoded anew; the rest (the delay, the ignored parent, `access_token`) is dropped."""
+    refuse_identity(pairs)
+    return replayable_query([(key, value) for key, value, _ in pairs])
 
 
 def parse_delay(value: str) -> int:

@@ -39,6 +39,7 @@ async def _schedule_a(
             raise MissingParam(f"{rq.PARENT_PARAM} needs {rq.DELAY_PARAM}")
         return await pass_through(request, c, state=(room, kind, state_key))
     delay_ms = rq.parse_delay(delay)
+    query = rq.replayed_query(pairs)
     requester = await c.auth.required(request)
     c.limits.schedule(requester.user_id)
     c.service.check_delay(delay_ms, "A")
@@ -50,7 +51,7 @@ async def _schedule_a(
         state_key=rq.path_segment(state_key, "state key") if state_key is not None else None,
         content=rq.compact_json(content),
         delay_ms=delay_ms,
-        query=rq.replayed_query(pairs),
+        query=query,
         txn_key=rq.txn_key("send", room, kind, txn) if txn is not None else None,
     )
     return {"delay_id": await c.service.schedule(requester, schedule)}
@@ -111,6 +112,7 @@ async def put_state_empty_key(request: Request, version: str, room: str, event_t
 
 async def _schedule_b(request: Request, room: str, kind: str, txn: str) -> dict[str, Any]:
     c = container(request)
+    rq.refuse_identity(rq.query_pairs(request))
     requester = await c.auth.required(request)
     c.limits.schedule(requester.user_id)
     body = rq.parse_json_object(await rq.read_body(request, c.settings.max_body_bytes))
