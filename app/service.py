@@ -81,9 +81,13 @@ class DelayedEventService:
     def check_delay(self, delay_ms: int, generation: str) -> None:
         """Refuse a delay over the maximum, in the shape each generation's clients act on."""
         limit = self.settings.max_delay_ms
-        if delay_ms <= limit:
+        # Beyond a bigint, a delay is over the maximum whatever the setting (it cannot be stored),
+        # and too long to be worth repeating in the answer.
+        beyond = delay_ms >= 2**63
+        if delay_ms <= limit and not beyond:
             return
-        message = f"The requested delay ({delay_ms}ms) exceeds the allowed maximum ({limit}ms)"
+        requested = "" if beyond else f" ({delay_ms}ms)"
+        message = f"The requested delay{requested} exceeds the allowed maximum ({limit}ms)"
         if generation == "B":
             raise Forbidden(message)
         raise MatrixError(

@@ -119,6 +119,8 @@ async def _schedule_b(request: Request, room: str, kind: str, txn: str) -> dict[
     delay = body.get("delay_ms", body.get("delay"))
     if delay is None:
         raise MissingParam("delay_ms is required")
+    if isinstance(delay, rq.LongInteger) and not delay.negative:
+        delay = rq.TOO_LONG
     if isinstance(delay, bool) or not isinstance(delay, int) or delay < 0:
         raise InvalidParam("delay_ms must be a non-negative integer")
     content = body.get("content")
