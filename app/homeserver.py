@@ -261,7 +261,8 @@ class Homeserver:
         self, method: str, target: str, headers: list[tuple[str, str]], body: bytes
     ) -> httpx.Response:
         """Pass a client's request through unchanged (`target` is the raw path and query)."""
-        kept = [(k, v) for k, v in headers if k.lower() not in _DROP_HEADERS]
+        # Whitespace around a value is not part of it, and httpx refuses to send it.
+        kept = [(k, v.strip(" \t")) for k, v in headers if k.lower() not in _DROP_HEADERS]
         try:
             return await self.client.request(
                 method, self.base_url + target, headers=kept, content=body

@@ -14,6 +14,7 @@ from app.api import openapi
 from app.api import requests as rq
 from app.api.deps import container
 from app.api.proxy import pass_through
+from app.auth import access_token
 from app.errors import InvalidParam, MissingParam
 from app.models import storable_text
 from app.service import ScheduleRequest
@@ -31,6 +32,7 @@ async def _schedule_a(
     c = container(request)
     if version not in _A_VERSIONS:
         raise InvalidParam(f"Unsupported API version '{version}'")
+    access_token(request)  # a malformed credential is the first thing wrong with a request
     pairs = rq.query_pairs(request)
     delay = rq.single(pairs, rq.DELAY_PARAM)
     if delay is None:
@@ -112,6 +114,7 @@ async def put_state_empty_key(request: Request, version: str, room: str, event_t
 
 async def _schedule_b(request: Request, room: str, kind: str, txn: str) -> dict[str, Any]:
     c = container(request)
+    access_token(request)
     rq.refuse_identity(rq.query_pairs(request))
     requester = await c.auth.required(request)
     c.limits.schedule(requester.user_id)
