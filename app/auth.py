@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 from starlette.requests import Request
 
@@ -22,26 +24,62 @@ class Requester:
     token: str
 
 
+# An access token as every homeserver issues them: printable ASCII, no spaces.
+_TOKEN = re.compile(r"[\x21-\x7e]+")
+
+
 def access_token(request: Request) -> str | None:
-    """The token from `Authorization: Bearer …`, else from the deprecated `access_token` query."""
-    header = request.headers.get("authorization")
-    if header is not None:
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+    """The request's access token: from the one `Authorization: Bearer …` header, else from the
+    one `access_token` query parameter (deprecated), never both — judged as the homeserver
+    judges it, before anything is sent to it. A malformed one is refused here with the
+    homeserver's usual 401: passed on, it could not even be put in a request's header."""
+    headers = request.headers.getlist("authorization")
+    queried = _query_tokens(request)
+    if len(headers) > 1:
+        raise MissingToken("Too many Authorization headers")
+    if headers and queried:
+        raise MissingToken("Mixing Authorization headers and access_token query parameters")
+    if headers:
+        # Whitespace around a header value is not part of it.
+        scheme, _, token = headers[0].strip(" \t").partition(" ")
+        if scheme.lower() != "bearer" or not token:
             raise MissingToken("Invalid Authorization header")
-        return _checked(token.strip())
-    tokens = request.query_params.getlist("access_token")
-    if len(tokens) > 1:
+        return _checked(token)
+    if len(queried) > 1:
         raise MissingToken("More than one access_token query parameter")
-    return _checked(tokens[0]) if tokens and tokens[0] else None
+    if queried:
+        if not queried[0]:
+            raise MissingToken("Empty access token")
+        return _checked(queried[0])
+    return None
+
+
+def _query_tokens(request: Request) -> list[str]:
+    """The values of every `access_token` query parameter, read as the homeserver reads the
+    query (`&` and `;` separate, names and values percent-decoded)."""
+    raw = request.scope.get("query_string", b"").decode("latin-1")
+    tokens = []
+    for part in re.split("[&;]", raw):
+        key, _, value = part.partition("=")
+        if unquote(key.replace("+", " ")) != "access_token":
+            continue
+        try:
+            tokens.append(unquote(value.replace("+", " "), errors="strict"))
+        except UnicodeDecodeError:
+            raise _unknown() from None
+    return tokens
 
 
 def _checked(token: str) -> str:
-    """Access tokens are printable ASCII; anything else is unknown to every homeserver (and
-    could not be put in the header of the whoami request)."""
-    if not (token.isascii() and token.isprintable()):
-        raise MatrixError("Unknown access token", status=401, errcode="M_UNKNOWN_TOKEN")
+    """Access tokens are printable ASCII without spaces; anything else is unknown to every
+    homeserver (and could not be put in the header of the whoami request)."""
+    if not _TOKEN.fullmatch(token):
+        raise _unknown()
     return token
+
+
+def _unknown() -> MatrixError:
+    return MatrixError("Unknown access token", status=401, errcode="M_UNKNOWN_TOKEN")
 
 
 class Authenticator:

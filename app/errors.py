@@ -11,6 +11,7 @@ MatrixError(status, errcode, message, extra, headers)
  ├── MissingToken           401 M_MISSING_TOKEN
  ├── LimitExceeded          429 M_LIMIT_EXCEEDED
  ├── Forbidden              403 M_FORBIDDEN
+ ├── StoredCredentialFailed (the send action's replay credential failed; answered as 404/409)
  ├── HomeserverUnavailable  502 M_UNKNOWN (the homeserver could not be reached)
  └── DatabaseUnavailable    503 M_UNKNOWN
 """
@@ -101,6 +102,14 @@ class Forbidden(MatrixError):
 class LimitExceeded(MatrixError):
     status = 429
     errcode = "M_LIMIT_EXCEEDED"
+
+
+class StoredCredentialFailed(MatrixError):
+    """The credential stored to send an event is gone or was refused. The event's failure, not
+    the caller's: never a 401 or a token errcode, on which clients log their user out."""
+
+    status = 409
+    errcode = "M_UNKNOWN"
 
 
 class HomeserverUnavailable(MatrixError):

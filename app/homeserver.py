@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, unquote, urlencode
 
 import httpx
 
@@ -31,6 +32,26 @@ _DROP_HEADERS = {
     "content-length",
     "content-encoding",
 }
+
+
+# The query parameters a replay takes over from the scheduling request, by decoded name. Nothing
+# else a client put in the query is replayed: above all not `user_id`, `device_id` or `ts`, which
+# with an application-service token choose who the event is sent as and when.
+REPLAYED_PARAMS = frozenset({"org.matrix.msc4354.sticky_duration_ms"})
+
+
+def replayable_query(pairs: list[tuple[str, str]]) -> str:
+    """The (decoded name, decoded value) pairs of REPLAYED_PARAMS among `pairs`, encoded anew."""
+    return urlencode([(k, v) for k, v in pairs if k in REPLAYED_PARAMS], quote_via=quote)
+
+
+def _stored_pairs(query: str) -> list[tuple[str, str]]:
+    """A stored query read as the homeserver would: `&` and `;` separate, names decoded."""
+    pairs = []
+    for part in re.split("[&;]", query):
+        key, _, value = part.partition("=")
+        pairs.append((unquote(key.replace("+", " ")), unquote(value.replace("+", " "))))
+    return pairs
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +209,9 @@ class Homeserver:
             path = f"/_matrix/client/v3/rooms/{room}/send/{kind}/{encode_segment(txn_id)}"
         else:
             path = f"/_matrix/client/v3/rooms/{room}/state/{kind}/{encode_segment(state_key)}"
-        path += _query(query, credential.query())
+        # The credential's parameters first and the only ones of their names; of the stored query
+        # only the allowlist, whatever a row written before it holds.
+        path += _query(credential.query(), replayable_query(_stored_pairs(query)))
         try:
             response = await self._request(
                 "PUT",
@@ -225,7 +248,7 @@ class Homeserver:
         path = (
             f"/_matrix/client/v3/rooms/{encode_segment(room_id)}/state/"
             f"{encode_segment(event_type)}/{encode_segment(state_key)}"
-        ) + _query("format=event", credential.query())
+        ) + _query(credential.query(), "format=event")
         try:
             response = await self._request("GET", path, token=credential.token)
         except httpx.HTTPError:
@@ -238,7 +261,8 @@ class Homeserver:
         self, method: str, target: str, headers: list[tuple[str, str]], body: bytes
     ) -> httpx.Response:
         """Pass a client's request through unchanged (`target` is the raw path and query)."""
-        kept = [(k, v) for k, v in headers if k.lower() not in _DROP_HEADERS]
+        # Whitespace around a value is not part of it, and httpx refuses to send it.
+        kept = [(k, v.strip(" \t")) for k, v in headers if k.lower() not in _DROP_HEADERS]
         try:
             return await self.client.request(
                 method, self.base_url + target, headers=kept, content=body

@@ -24,7 +24,7 @@ from app import metrics
 from app import repository as repo
 from app.clock import Clock
 from app.crypto import TokenCipher
-from app.errors import HomeserverError
+from app.errors import HomeserverError, StoredCredentialFailed
 from app.homeserver import Credential, Homeserver, Refused, ReplayResult, Sent, Transient
 from app.models import CANCELLED, FAILED, SENT
 from app.repository import DelayedEvent
@@ -287,17 +287,19 @@ class Replayer:
         """
         credential = await self.load_credential(event)
         if credential is None:
-            await self._release(event)
-            raise HomeserverError(
-                401,
-                {"errcode": "M_UNKNOWN_TOKEN", "error": "No usable access token is stored"},
-            )
+            error = {"errcode": "M_UNKNOWN_TOKEN", "error": "No usable access token is stored"}
+            await self._finalise_failed(event, error)
+            raise _credential_failed(error)
         outcome = await self.attempt(event, credential)
         if isinstance(outcome, Sent | NewerState):
             await self.record(event, outcome, reason="action")
             if isinstance(outcome, NewerState):
                 raise _cancelled_conflict()
             return
+        if isinstance(outcome, Refused) and _refuses_credential(outcome):
+            # Only the caller's own token may answer 401: this one is the event's.
+            await self._finalise_failed(event, outcome.error)
+            raise _credential_failed(outcome.error)
         if isinstance(outcome, Refused):
             await self._release(event)
             raise HomeserverError(outcome.status, outcome.error)
@@ -660,6 +662,21 @@ class _ClaimKeeper:
     def _due_for_renewal(self, lease: int) -> bool:
         since = self._renewed_at
         return since is not None and self._replayer.clock.now_ms() - since >= lease // 3
+
+
+def _refuses_credential(refused: Refused) -> bool:
+    return refused.status == 401 or refused.error.get("errcode") in (
+        "M_UNKNOWN_TOKEN",
+        "M_MISSING_TOKEN",
+    )
+
+
+def _credential_failed(error: dict[str, Any]) -> StoredCredentialFailed:
+    errcode = error.get("errcode")
+    return StoredCredentialFailed(
+        f"The delayed event could not be sent: the credential stored for it was refused "
+        f"({errcode if isinstance(errcode, str) else 'M_UNKNOWN'}); it is finalised with that error"
+    )
 
 
 def _cancelled_conflict() -> HomeserverError:

@@ -20,7 +20,15 @@ from app import repository as repo
 from app.auth import Requester
 from app.clock import Clock
 from app.crypto import TokenCipher
-from app.errors import Conflict, Forbidden, InvalidParam, LimitExceeded, MatrixError, NotFound
+from app.errors import (
+    Conflict,
+    Forbidden,
+    InvalidParam,
+    LimitExceeded,
+    MatrixError,
+    NotFound,
+    StoredCredentialFailed,
+)
 from app.models import CANCELLED, FAILED, SCHEDULED, SENT, storable_text
 from app.replayer import CANCELLED_BY_STATE, Replayer, token_context
 from app.repository import DelayedEvent
@@ -81,9 +89,13 @@ class DelayedEventService:
     def check_delay(self, delay_ms: int, generation: str) -> None:
         """Refuse a delay over the maximum, in the shape each generation's clients act on."""
         limit = self.settings.max_delay_ms
-        if delay_ms <= limit:
+        # Beyond a bigint, a delay is over the maximum whatever the setting (it cannot be stored),
+        # and too long to be worth repeating in the answer.
+        beyond = delay_ms >= 2**63
+        if delay_ms <= limit and not beyond:
             return
-        message = f"The requested delay ({delay_ms}ms) exceeds the allowed maximum ({limit}ms)"
+        requested = "" if beyond else f" ({delay_ms}ms)"
+        message = f"The requested delay{requested} exceeds the allowed maximum ({limit}ms)"
         if generation == "B":
             raise Forbidden(message)
         raise MatrixError(
@@ -206,7 +218,13 @@ class DelayedEventService:
             self._refuse(existing, owner, action, v1=v1, now=now)
             return
         if claimed is not None:
-            await self.replayer.send_now(claimed)
+            try:
+                await self.replayer.send_now(claimed)
+            except StoredCredentialFailed as exc:
+                # Finalised by the failure: answered as a repeat of the action would be now.
+                if v1:
+                    raise Conflict(exc.message) from None
+                raise NotFound(exc.message) from None
             return
         counter.labels(generation, "ok").inc()
 

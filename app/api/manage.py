@@ -64,11 +64,9 @@ def _limit(request: Request, pairs: list[tuple[str, str, str]]) -> int:
     value = rq.single(pairs, "limit")
     if value is None:
         return _DEFAULT_LIMIT
-    if not value.isascii() or not value.isdigit() or len(value.lstrip("0")) > 4:
+    if not value.isascii() or not value.isdigit() or not 1 <= rq.digits_value(value) <= _MAX_LIMIT:
         raise InvalidParam(f"limit must be an integer from 1 to {_MAX_LIMIT}")
-    if not 1 <= int(value) <= _MAX_LIMIT:
-        raise InvalidParam(f"limit must be an integer from 1 to {_MAX_LIMIT}")
-    return int(value)
+    return rq.digits_value(value)
 
 
 async def _list(request: Request) -> dict[str, Any]:

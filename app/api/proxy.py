@@ -12,6 +12,7 @@ from starlette.responses import JSONResponse, Response
 
 from app.api import requests as rq
 from app.api.deps import Container, container
+from app.auth import access_token
 from app.errors import HomeserverUnavailable, MatrixError
 from app.homeserver import json_object, response_headers
 
@@ -30,6 +31,7 @@ async def pass_through(
 ) -> Response:
     """Forward the request unchanged and answer with the homeserver's answer. A state event that
     the homeserver accepted cancels other users' delayed state for the same key."""
+    access_token(request)  # a malformed credential is refused here, not sent on
     body = await rq.read_body(request, c.settings.max_body_bytes)
     response = await c.homeserver.forward(
         request.method, _target(request), list(request.headers.items()), body
@@ -69,6 +71,7 @@ async def _note_state(request: Request, c: Container, state: tuple[str, str, str
 
 async def _merged(request: Request, add: Any) -> Response:
     c = container(request)
+    access_token(request)  # a malformed credential is refused here, not sent on
     response = await c.homeserver.forward(
         "GET", _target(request), list(request.headers.items()), b""
     )

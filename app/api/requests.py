@@ -12,12 +12,14 @@ from urllib.parse import unquote
 from starlette.requests import Request
 
 from app.errors import BadJson, InvalidParam, NotJson, TooLarge
+from app.homeserver import replayable_query
 from app.models import storable_text
 
 DELAY_PARAM = "org.matrix.msc4140.delay"
 PARENT_PARAM = "org.matrix.msc4140.parent_delay_id"
-# Never replayed: the delay itself, the ignored parent, and credentials.
-_CONSUMED = {DELAY_PARAM, PARENT_PARAM, "access_token"}
+# Who a replay acts as and when: with an application-service token the homeserver takes these
+# from the query, so they come from the replay's credential only, never from a client.
+IDENTITY_PARAMS = frozenset({"user_id", "device_id", "org.matrix.msc3202.device_id", "ts"})
 _MAX_ID = 255
 # Deeper JSON is refused: lookups render stored content inside a few more levels, and common
 # JSON libraries (serde_json's default is 128) refuse much deeper documents.
@@ -27,7 +29,12 @@ MAX_JSON_DEPTH = 100
 async def read_body(request: Request, max_bytes: int) -> bytes:
     """The request body, refusing more than `max_bytes` before reading it all."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+    if (
+        declared is not None
+        and declared.isascii()
+        and declared.isdigit()
+        and digits_value(declared) > max_bytes
+    ):
         raise TooLarge(f"Request body is larger than {max_bytes} bytes")
     chunks = []
     size = 0
@@ -68,13 +75,16 @@ def _too_deep(value: Any) -> bool:
 
 def parse_json_object(body: bytes, *, empty_ok: bool = False) -> dict[str, Any]:
     """A JSON object, or M_NOT_JSON (not JSON at all, or a number no float holds) / M_BAD_JSON
-    (JSON, but not an object, or nested deeper than MAX_JSON_DEPTH)."""
+    (JSON, but not an object, or nested deeper than MAX_JSON_DEPTH). An integer too long for
+    int() is a LongInteger, which `compact_json` refuses."""
     if not body.strip():
         if empty_ok:
             return {}
         raise NotJson("Content not JSON.")
     try:
-        value = json.loads(body, parse_constant=_no_constants, parse_float=_finite)
+        value = json.loads(
+            body, parse_constant=_no_constants, parse_float=_finite, parse_int=_integer
+        )
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise NotJson("Content not JSON.") from None
     if not isinstance(value, dict):
@@ -85,8 +95,9 @@ def parse_json_object(body: bytes, *, empty_ok: bool = False) -> dict[str, Any]:
 
 
 def compact_json(value: dict[str, Any]) -> str:
-    """The form content is stored and replayed in: compact, ASCII-only JSON."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=True)
+    """The form content is stored and replayed in: compact, ASCII-only JSON. M_NOT_JSON if it
+    holds an integer too long to read."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=True, default=_not_json)
 
 
 def query_pairs(request: Request) -> list[tuple[str, str, str]]:
@@ -124,16 +135,56 @@ def single(pairs: list[tuple[str, str, str]], name: str) -> str | None:
     return values[0] if values else None
 
 
+def refuse_identity(pairs: list[tuple[str, str, str]]) -> None:
+    """Refuse a scheduling request that names who or when its event is sent as: the sidecar
+    authenticated the request as someone, and its event is sent as exactly them."""
+    for key, _, _ in pairs:
+        if key in IDENTITY_PARAMS:
+            raise InvalidParam(f"{key} cannot be given when scheduling a delayed event")
+
+
 def replayed_query(pairs: list[tuple[str, str, str]]) -> str:
-    """The raw query parameters to send on with the event (e.g. a sticky duration)."""
-    return "&".join(raw for key, _, raw in pairs if key not in _CONSUMED)
+    """The query to send on with the event: the allowlisted parameters (a sticky duration),
+    encoded anew; the rest (the delay, the ignored parent, `access_token`) is dropped."""
+    refuse_identity(pairs)
+    return replayable_query([(key, value) for key, value, _ in pairs])
+
+
+# What an integer too long to read stands for: beyond a bigint, so beyond any maximum.
+TOO_LONG = 2**63
+
+
+def digits_value(digits: str) -> int:
+    """The value of ASCII decimal digits, or TOO_LONG when it has more than 18 significant ones
+    (int() refuses more than 4,300 digits, and reading them all is work for nothing)."""
+    significant = digits.lstrip("0")
+    return int(significant or "0") if len(significant) <= 18 else TOO_LONG
 
 
 def parse_delay(value: str) -> int:
-    """A delay in milliseconds: a non-negative integer, however large."""
+    """A delay in milliseconds: plain decimal digits, however many. A sign, whitespace or
+    underscores, which the homeserver's int() would take, are refused."""
     if not value.isascii() or not value.isdigit():
         raise InvalidParam(f"{DELAY_PARAM} must be a non-negative integer")
-    return int(value)
+    return digits_value(value)
+
+
+class LongInteger:
+    """An integer in a JSON body too long for int(); only its sign is kept."""
+
+    def __init__(self, negative: bool) -> None:
+        self.negative = negative
+
+
+def _integer(text: str) -> int | LongInteger:
+    try:
+        return int(text)
+    except ValueError:
+        return LongInteger(text.startswith("-"))
+
+
+def _not_json(value: Any) -> Any:
+    raise NotJson("Content not JSON.")
 
 
 def path_segment(raw: str, what: str) -> str:

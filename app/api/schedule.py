@@ -15,6 +15,7 @@ from app.api import openapi
 from app.api import requests as rq
 from app.api.deps import container
 from app.api.proxy import pass_through
+from app.auth import access_token
 from app.errors import InvalidParam, MissingParam
 from app.models import storable_text
 from app.service import ScheduleRequest
@@ -48,6 +49,7 @@ async def _schedule_a(
     c = container(request)
     if version not in _A_VERSIONS:
         raise InvalidParam(f"Unsupported API version '{version}'")
+    access_token(request)  # a malformed credential is the first thing wrong with a request
     pairs = rq.query_pairs(request)
     delay = rq.single(pairs, rq.DELAY_PARAM)
     if delay is None:
@@ -56,6 +58,7 @@ async def _schedule_a(
             raise MissingParam(f"{rq.PARENT_PARAM} needs {rq.DELAY_PARAM}")
         return await pass_through(request, c, state=(room, kind, state_key))
     delay_ms = rq.parse_delay(delay)
+    query = rq.replayed_query(pairs)
     requester = await c.auth.required(request)
     c.limits.schedule(requester.user_id)
     c.service.check_delay(delay_ms, "A")
@@ -67,7 +70,7 @@ async def _schedule_a(
         state_key=rq.path_segment(state_key, "state key") if state_key is not None else None,
         content=rq.compact_json(content),
         delay_ms=delay_ms,
-        query=rq.replayed_query(pairs),
+        query=query,
         txn_key=rq.txn_key("send", room, kind, txn) if txn is not None else None,
     )
     return {"delay_id": await c.service.schedule(requester, schedule)}
@@ -128,12 +131,16 @@ async def put_state_empty_key(request: Request, version: str, room: str, event_t
 
 async def _schedule_b(request: Request, room: str, kind: str, txn: str) -> dict[str, Any]:
     c = container(request)
+    access_token(request)
+    rq.refuse_identity(rq.query_pairs(request))
     requester = await c.auth.required(request)
     c.limits.schedule(requester.user_id)
     body = rq.parse_json_object(await rq.read_body(request, c.settings.max_body_bytes))
     delay = body.get("delay_ms", body.get("delay"))
     if delay is None:
         raise MissingParam("delay_ms is required")
+    if isinstance(delay, rq.LongInteger) and not delay.negative:
+        delay = rq.TOO_LONG
     if isinstance(delay, bool) or not isinstance(delay, int) or delay < 0:
         raise InvalidParam("delay_ms must be a non-negative integer")
     content = body.get("content")

@@ -96,3 +96,64 @@ def test_delayed_events_fire_after_the_user_logged_out(as_stack: Stack) -> None:
     )
     assert state["sender"] == alice.user_id
     assert state["content"] == {}
+
+
+@pytest.mark.parametrize(
+    "forged",
+    ["user_id={creator}&ts=1000", "user%5Fid={creator}&%74s=1000", "ts=1000"],
+    ids=["plain", "encoded names", "timestamp only"],
+)
+def test_a_user_cannot_replay_as_another_or_forge_the_time(as_stack: Stack, forged: str) -> None:
+    """A user without power asks for a power-levels change sent as the room's creator, with a
+    forged timestamp: refused, and nothing lands as the creator or with that timestamp."""
+    alice = as_stack.register(unique("alice"), PASSWORD)
+    bob = as_stack.register(unique("bob"), PASSWORD)
+    room_id = _public_room(as_stack, alice.access_token, bob.access_token)
+    room = f"rooms/{enc(room_id)}"
+    observer = Room(as_stack.client_url, as_stack.homeserver_url, alice.access_token, room_id)
+    before = observer.state("m.room.power_levels", "")
+    assert before is not None
+    takeover = {**before["content"], "users": {alice.user_id: 100, bob.user_id: 100}}
+    query = forged.format(creator=enc(alice.user_id))
+    gen_a = call(
+        as_stack.client_url,
+        "PUT",
+        f"/_matrix/client/v3/{room}/state/m.room.power_levels/?org.matrix.msc4140.delay=0&{query}",
+        takeover,
+        token=bob.access_token,
+    )
+    gen_b = call(
+        as_stack.client_url,
+        "PUT",
+        f"/_matrix/client/v3/{room}/delayed_event/m.room.power_levels/{unique('t')}?{query}",
+        {"delay_ms": 0, "state_key": "", "content": takeover},
+        token=bob.access_token,
+    )
+    for answer in (gen_a, gen_b):
+        assert answer.status == 400, answer
+        assert answer.json()["errcode"] == "M_INVALID_PARAM"
+    # A delayed message of bob's, scheduled after them, lands after anything scheduled before it
+    # in the room would have: once it is there, the refused ones had their chance.
+    marker = unique("after")
+    control = call(
+        as_stack.client_url,
+        "PUT",
+        f"/_matrix/client/v3/{room}/send/m.room.message/{marker}?org.matrix.msc4140.delay=0",
+        {"msgtype": "m.text", "body": marker},
+        token=bob.access_token,
+    )
+    assert control.status == 200, control
+
+    def landed() -> dict[str, Any] | None:
+        return next((e for e in observer.timeline() if e["content"].get("body") == marker), None)
+
+    sent = poll(landed, timeout=60, what="the control message")
+    assert sent["sender"] == bob.user_id
+    after = observer.state("m.room.power_levels", "")
+    assert after is not None
+    assert after["event_id"] == before["event_id"]
+    assert after["content"]["users"].get(bob.user_id) is None
+    events = [*observer.timeline(), *observer.all_state()]
+    assert [e for e in events if e.get("origin_server_ts") == 1000] == []
+    power_levels = {e["event_id"] for e in events if e["type"] == "m.room.power_levels"}
+    assert power_levels == {before["event_id"]}

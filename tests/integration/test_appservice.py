@@ -89,3 +89,63 @@ async def test_a_logged_out_device_still_sends_as_the_user(
         headers={"Authorization": "Bearer bob_token"},
     )
     assert r.status_code == 404
+
+
+FORGED_QUERIES = [
+    "user_id=%40bob%3Atest",
+    "user%5Fid=%40bob%3Atest",
+    "%75ser_id=%40bob%3Atest",
+    "ts=1000",
+    "device_id=BOBDEV",
+    "org%2Ematrix%2Emsc3202%2Edevice_id=BOBDEV",
+]
+
+
+@pytest.mark.parametrize("forged", FORGED_QUERIES)
+async def test_a_user_cannot_name_who_or_when_the_replay_acts_as(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    appservice_homeserver: FakeHomeserver,
+    forged: str,
+) -> None:
+    gen_a = await client.put(
+        f"/_matrix/client/v3/rooms/{ROOM}/state/m.room.power_levels/"
+        f"?org.matrix.msc4140.delay=0&{forged}",
+        json={"users": {"@alice:test": 100}},
+        headers={"Authorization": "Bearer alice_token"},
+    )
+    gen_b = await client.put(
+        f"/_matrix/client/v3/rooms/{ROOM}/delayed_event/m.room.power_levels/b1?{forged}",
+        json={"delay_ms": 0, "state_key": "", "content": {"users": {"@alice:test": 100}}},
+        headers={"Authorization": "Bearer alice_token"},
+    )
+    for answer in (gen_a, gen_b):
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["errcode"] == "M_INVALID_PARAM"
+    async with app.state.container.engine.connect() as conn:
+        count = (await conn.execute(text("SELECT count(*) FROM delayed_event"))).scalar_one()
+    assert count == 0
+    assert appservice_homeserver.replays() == []
+
+
+async def test_a_stored_query_cannot_name_who_the_replay_acts_as(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    clock: FakeClock,
+    appservice_homeserver: FakeHomeserver,
+) -> None:
+    """A row stored before the allowlist, with a forged user in its query, replays as its user."""
+    delay_id = await _schedule_state(client, 1000)
+    async with app.state.container.engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE delayed_event SET query = :q WHERE delay_id = :d"),
+            {"q": "user_id=%40bob%3Atest&ts=1000&device_id=BOBDEV", "d": delay_id},
+        )
+    clock.advance(1000)
+    await app.state.container.service.replayer.run_due()
+    put = appservice_homeserver.replays()[-1]
+    assert put.url.params.get_list("user_id") == ["@alice:test"]
+    assert put.url.params.get_list("device_id") == ["ALICEDEV"]
+    assert "ts" not in put.url.params
+    state = appservice_homeserver.state[("!room:test", "m.call.member", "_@alice:test_ALICEDEV")]
+    assert state["sender"] == "@alice:test"

@@ -156,10 +156,80 @@ async def test_application_service_credential_names_user_and_device() -> None:
         return httpx.Response(200, json={"event_id": "$e"})
 
     credential = Credential("as_secret", "@alice:test", "DEV 1")
-    await _replay(handler, credential=credential, query="ts=5")
+    await _replay(handler, credential=credential, query="org.matrix.msc4354.sticky_duration_ms=5")
     assert seen[0].headers["authorization"] == "Bearer as_secret"
     assert seen[0].url.raw_path.endswith(
-        b"?ts=5&user_id=%40alice%3Atest&device_id=DEV%201&org.matrix.msc3202.device_id=DEV%201"
+        b"?user_id=%40alice%3Atest&device_id=DEV%201&org.matrix.msc3202.device_id=DEV%201"
+        b"&org.matrix.msc4354.sticky_duration_ms=5"
     )
     await _replay(handler, credential=credential.without_device())
     assert seen[1].url.raw_path.endswith(b"?user_id=%40alice%3Atest")
+
+
+# However a stored query (a row written before the allowlist, or by hand) names them, the only
+# user_id, device_id and ts on a replay are the credential's own.
+FORGED = [
+    "user_id=%40admin%3Ahs",
+    "user%5Fid=%40admin%3Ahs",
+    "user%5fid=%40admin%3Ahs",
+    "%75ser_id=%40admin%3Ahs",
+    "USER_ID=%40admin%3Ahs",
+    "user_id=%40admin%3Ahs%23",
+    "ts=1000",
+    "%74s=1000",
+    "device_id=ADMINDEV",
+    "device%5Fid=ADMINDEV",
+    "org.matrix.msc3202.device_id=ADMINDEV",
+    "org%2Ematrix%2Emsc3202%2Edevice_id=ADMINDEV",
+    "org%2ematrix%2emsc3202%2edevice%5fid=ADMINDEV",
+    "access_token=stolen",
+    "org.matrix.msc4140.delay=5",
+]
+
+
+def _decoded_params(request: httpx.Request) -> list[tuple[str, str]]:
+    return list(httpx.QueryParams(request.url.query.decode()).multi_items())
+
+
+@pytest.mark.parametrize("forged", FORGED)
+@pytest.mark.parametrize("separator", ["&", ";"])
+async def test_replay_carries_exactly_the_credentials_parameters(
+    forged: str, separator: str
+) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"event_id": "$e"})
+
+    stored = f"{forged}{separator}org.matrix.msc4354.sticky_duration_ms=7{separator}{forged}"
+    await _replay(handler, credential=Credential("as", "@alice:test", "DEV"), query=stored)
+    await _replay(handler, credential=Credential("tok"), query=stored)
+    assert _decoded_params(seen[0]) == [
+        ("user_id", "@alice:test"),
+        ("device_id", "DEV"),
+        ("org.matrix.msc3202.device_id", "DEV"),
+        ("org.matrix.msc4354.sticky_duration_ms", "7"),
+    ]
+    assert _decoded_params(seen[1]) == [("org.matrix.msc4354.sticky_duration_ms", "7")]
+
+
+async def test_state_lookup_carries_exactly_the_credentials_parameters() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(404, json={"errcode": "M_NOT_FOUND", "error": "no"})
+
+    await _homeserver(handler).state_event(
+        credential=Credential("as", "@alice:test", "DEV"),
+        room_id="!r:test",
+        event_type="m.call",
+        state_key="k",
+    )
+    assert _decoded_params(seen[0]) == [
+        ("user_id", "@alice:test"),
+        ("device_id", "DEV"),
+        ("org.matrix.msc3202.device_id", "DEV"),
+        ("format", "event"),
+    ]
