@@ -26,8 +26,6 @@ from app.service import render
 router = APIRouter()
 
 UNSTABLE = "/_matrix/client/unstable/org.matrix.msc4486"
-_MAX_LIMIT = 1000
-_DEFAULT_LIMIT = 100
 _MAX_TIMESTAMP = 2**63 - 1
 _MAX_ID_BYTES = 255
 # Parameters only MSC4486 knows: the earlier v1 list cannot honour them.
@@ -52,17 +50,6 @@ def _identifier(pairs: Pairs, name: str) -> str | None:
     if value is not None and (not value or len(value.encode()) > _MAX_ID_BYTES):
         raise InvalidParam(f"{name} must be 1 to {_MAX_ID_BYTES} bytes long")
     return value
-
-
-def _limit(pairs: Pairs) -> int:
-    value = rq.single(pairs, "limit")
-    if value is None:
-        return _DEFAULT_LIMIT
-    if not value.isascii() or not value.isdigit() or len(value.lstrip("0")) > 4:
-        raise InvalidParam(f"limit must be an integer from 1 to {_MAX_LIMIT}")
-    if not 1 <= int(value) <= _MAX_LIMIT:
-        raise InvalidParam(f"limit must be an integer from 1 to {_MAX_LIMIT}")
-    return int(value)
 
 
 def parse_query(pairs: Pairs) -> HistoryQuery:
@@ -92,7 +79,7 @@ async def _page(request: Request, pairs: Pairs) -> tuple[HistoryQuery, dict[str,
     requester = await c.auth.required(request)
     c.limits.manage(requester.user_id, "")
     query = parse_query(pairs)
-    limit = _limit(pairs)
+    limit = rq.page_limit(pairs)
     page = await history.lookup(
         c.service, requester, query, from_token=rq.single(pairs, "from"), limit=limit
     )

@@ -19,8 +19,6 @@ router = APIRouter()
 
 UNSTABLE = "/_matrix/client/unstable/org.matrix.msc4140"
 V1 = "/_matrix/client/v1"
-_MAX_LIMIT = 1000
-_DEFAULT_LIMIT = 100
 
 
 async def _requester(request: Request, delay_id: str, *, v1: bool) -> Requester | None:
@@ -60,15 +58,6 @@ async def _act_from_body(request: Request, delay_id: str, *, v1: bool) -> dict[s
     return {}
 
 
-def _limit(request: Request, pairs: list[tuple[str, str, str]]) -> int:
-    value = rq.single(pairs, "limit")
-    if value is None:
-        return _DEFAULT_LIMIT
-    if not value.isascii() or not value.isdigit() or not 1 <= rq.digits_value(value) <= _MAX_LIMIT:
-        raise InvalidParam(f"limit must be an integer from 1 to {_MAX_LIMIT}")
-    return rq.digits_value(value)
-
-
 async def _list(request: Request) -> dict[str, Any]:
     c = container(request)
     requester = await c.auth.required(request)
@@ -80,14 +69,14 @@ async def _list(request: Request) -> dict[str, Any]:
     except ValueError:
         raise InvalidParam("status must be 'scheduled' or 'finalised'") from None
     delay_ids = [value for key, value, _ in pairs if key == "delay_id"]
-    if len(delay_ids) > _MAX_LIMIT:
-        raise InvalidParam(f"At most {_MAX_LIMIT} delay_id values")
+    if len(delay_ids) > rq.MAX_PAGE:
+        raise InvalidParam(f"At most {rq.MAX_PAGE} delay_id values")
     return await c.service.list(
         requester,
         status=status,
         delay_ids=delay_ids,
         from_token=rq.single(pairs, "from"),
-        limit=_limit(request, pairs),
+        limit=rq.page_limit(pairs),
     )
 
 

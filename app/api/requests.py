@@ -161,6 +161,20 @@ def digits_value(digits: str) -> int:
     return int(significant or "0") if len(significant) <= 18 else TOO_LONG
 
 
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+
+
+def page_limit(pairs: list[tuple[str, str, str]]) -> int:
+    """The `limit=` of a lookup: 1 to MAX_PAGE items, DEFAULT_PAGE when absent."""
+    value = single(pairs, "limit")
+    if value is None:
+        return DEFAULT_PAGE
+    if not value.isascii() or not value.isdigit() or not 1 <= digits_value(value) <= MAX_PAGE:
+        raise InvalidParam(f"limit must be an integer from 1 to {MAX_PAGE}")
+    return digits_value(value)
+
+
 def parse_delay(value: str) -> int:
     """A delay in milliseconds: plain decimal digits, however many. A sign, whitespace or
     underscores, which the homeserver's int() would take, are refused."""
