@@ -287,6 +287,21 @@ _FINALISE_SENT_MANY = text(
     """
 )
 
+# A schedule stores its device's token (an upsert, which locks the row) in the transaction that
+# inserts its event. A DELETE alone would not see that event until it commits, and under READ
+# COMMITTED it would go on to delete the row once the schedule commits. So the rows are locked
+# first, in key order (waiting for any schedule holding one), and the DELETE, a statement of its
+# own, then sees every event committed meanwhile.
+_LOCK_TOKENS = text(
+    """
+    SELECT 1 FROM device_token AS d
+    JOIN unnest(CAST(:users AS text[]), CAST(:devices AS text[])) AS t (user_id, device_id)
+      ON d.user_id = t.user_id AND d.device_id = t.device_id
+    ORDER BY d.user_id, d.device_id
+    FOR UPDATE OF d
+    """
+)
+
 _FORGET_UNUSED_TOKENS = text(
     """
     DELETE FROM device_token AS d
@@ -566,19 +581,16 @@ async def forget_unused_tokens(
     conn: AsyncConnection, devices: Iterable[tuple[str, str | None]]
 ) -> None:
     """Delete the tokens of these (user, device)s that none of their events needs any more (none
-    is scheduled), in one statement; devices are taken in key order, so two callers never wait
-    on each other crosswise."""
+    is scheduled). The rows are locked first, in key order (so two callers never wait on each
+    other crosswise), which waits for a schedule of the same device still committing; only then
+    is it decided what to delete, so a token a newly scheduled event needs is kept."""
     ordered = sorted({(user, device or "") for user, device in devices})
     if not ordered:
         return
-    await conn.execute(
-        _FORGET_UNUSED_TOKENS,
-        {
-            "scheduled": SCHEDULED,
-            "users": [user for user, _ in ordered],
-            "devices": [device for _, device in ordered],
-        },
-    )
+    keys = {"users": [user for user, _ in ordered], "devices": [device for _, device in ordered]}
+    if not (await conn.execute(_LOCK_TOKENS, keys)).first():
+        return  # nothing stored for them: nothing to forget
+    await conn.execute(_FORGET_UNUSED_TOKENS, {"scheduled": SCHEDULED, **keys})
 
 
 __all__ = ["CANCELLED", "FAILED", "SCHEDULED", "SENT", "DelayedEvent"]
