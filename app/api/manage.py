@@ -7,13 +7,14 @@ from typing import Any
 
 from fastapi import APIRouter
 from starlette.requests import Request
+from starlette.responses import Response
 
 from app.api import openapi
 from app.api import requests as rq
 from app.api.deps import container
 from app.auth import Requester
 from app.errors import InvalidParam, MissingParam, MissingToken, Unrecognized
-from app.service import Action, Status
+from app.service import Action, RenderedJSON, Status
 
 router = APIRouter()
 
@@ -69,7 +70,12 @@ def _limit(request: Request, pairs: list[tuple[str, str, str]]) -> int:
     return int(value)
 
 
-async def _list(request: Request) -> dict[str, Any]:
+def _json(rendered: RenderedJSON) -> Response:
+    """A document the service rendered, sent as it is (no second pass over large contents)."""
+    return Response(rendered.text, media_type="application/json")
+
+
+async def _list(request: Request) -> Response:
     c = container(request)
     requester = await c.auth.required(request)
     c.limits.manage(requester.user_id, "")
@@ -82,20 +88,21 @@ async def _list(request: Request) -> dict[str, Any]:
     delay_ids = [value for key, value, _ in pairs if key == "delay_id"]
     if len(delay_ids) > _MAX_LIMIT:
         raise InvalidParam(f"At most {_MAX_LIMIT} delay_id values")
-    return await c.service.list(
+    page = await c.service.list(
         requester,
         status=status,
         delay_ids=delay_ids,
         from_token=rq.single(pairs, "from"),
         limit=_limit(request, pairs),
     )
+    return _json(page)
 
 
-async def _get(request: Request, delay_id: str) -> dict[str, Any]:
+async def _get(request: Request, delay_id: str) -> Response:
     c = container(request)
     requester = await c.auth.required(request)
     c.limits.manage(requester.user_id, "")
-    return await c.service.get(requester, rq.path_segment(delay_id, "delay id"))
+    return _json(await c.service.get(requester, rq.path_segment(delay_id, "delay id")))
 
 
 def _add_routes(prefix: str, v1: bool) -> None:
@@ -111,10 +118,10 @@ def _add_routes(prefix: str, v1: bool) -> None:
     async def act_from_body(request: Request, delay_id: str) -> dict[str, Any]:
         return await _act_from_body(request, delay_id, v1=v1)
 
-    async def list_events(request: Request) -> dict[str, Any]:
+    async def list_events(request: Request) -> Response:
         return await _list(request)
 
-    async def get_event(request: Request, delay_id: str) -> dict[str, Any]:
+    async def get_event(request: Request, delay_id: str) -> Response:
         return await _get(request, delay_id)
 
     base = prefix + "/delayed_events"
