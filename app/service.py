@@ -7,7 +7,6 @@ import base64
 import binascii
 import json
 import math
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -20,6 +19,7 @@ from app import repository as repo
 from app.auth import Requester
 from app.clock import Clock
 from app.crypto import TokenCipher
+from app.delay_ids import DelayIds
 from app.errors import Conflict, Forbidden, InvalidParam, LimitExceeded, MatrixError, NotFound
 from app.models import CANCELLED, FAILED, SCHEDULED, SENT, storable_text
 from app.replayer import CANCELLED_BY_STATE, Replayer, token_context
@@ -51,9 +51,10 @@ class ScheduleRequest:
     txn_key: str | None
 
 
-def new_delay_id() -> str:
-    """An opaque, url-safe id with 144 random bits: holding it is what lets a tokenless call act."""
-    return secrets.token_urlsafe(18)
+def new_delay_id(ids: DelayIds) -> str:
+    """An opaque, url-safe id with 144 random bits and a keyed tag (`app.delay_ids`): holding it
+    is what lets a tokenless call act."""
+    return ids.new()
 
 
 class DelayedEventService:
@@ -73,6 +74,7 @@ class DelayedEventService:
         self.settings = settings
         self._wake_at = wake_at
         self.restarts = RestartBatcher(engine, clock)
+        self.delay_ids = DelayIds(settings.token_keys)
         # With an application service to act as users, their access tokens are not needed.
         self._keeps_tokens = settings.appservice_token is None
 
@@ -119,7 +121,7 @@ class DelayedEventService:
             if count >= self.settings.max_scheduled_per_user:
                 metrics.SCHEDULED.labels(request.generation, "limited").inc()
                 raise self._too_many(earliest, now)
-            delay_id = new_delay_id()
+            delay_id = new_delay_id(self.delay_ids)
             await repo.insert_event(
                 conn,
                 delay_id=delay_id,

@@ -13,7 +13,8 @@ from app.api import openapi
 from app.api import requests as rq
 from app.api.deps import container
 from app.auth import Requester
-from app.errors import InvalidParam, MissingParam, MissingToken, Unrecognized
+from app.delay_ids import Kind
+from app.errors import InvalidParam, MissingParam, MissingToken, NotFound, Unrecognized
 from app.service import Action, RenderedJSON, Status
 
 router = APIRouter()
@@ -25,13 +26,20 @@ _DEFAULT_LIMIT = 100
 
 
 async def _requester(request: Request, delay_id: str, *, v1: bool) -> Requester | None:
-    """The caller of an action, if a token came; rate limited per user, else per delay_id."""
+    """The caller of an action, if a token came; rate limited per user, else per delay_id.
+    Without a token, an id the sidecar cannot have issued is not found, at no database call."""
     c = container(request)
     requester = await c.auth.optional(request)
     if requester is None and v1:
         raise MissingToken("Missing access token")
-    c.limits.manage(requester.user_id if requester is not None else None, delay_id)
-    return requester
+    if requester is not None:
+        c.limits.manage(requester.user_id, delay_id)
+        return requester
+    kind = c.service.delay_ids.kind(delay_id)
+    if kind is Kind.FORGED:
+        raise NotFound("Delayed event not found")
+    c.limits.manage(None, delay_id, untagged=kind is Kind.UNTAGGED)
+    return None
 
 
 async def split_action(
