@@ -19,7 +19,7 @@ from app import repository as repo
 from app.auth import Requester
 from app.clock import Clock
 from app.crypto import TokenCipher
-from app.delay_ids import DelayIds
+from app.delay_ids import DelayIds, Kind
 from app.errors import Conflict, Forbidden, InvalidParam, LimitExceeded, MatrixError, NotFound
 from app.models import CANCELLED, FAILED, SCHEDULED, SENT, storable_text
 from app.replayer import CANCELLED_BY_STATE, Replayer, token_context
@@ -32,6 +32,13 @@ class Action(StrEnum):
     SEND = "send"
     CANCEL = "cancel"
     RESTART = "restart"
+
+
+_COUNTERS = {
+    Action.SEND: metrics.SENT,
+    Action.CANCEL: metrics.CANCELLED,
+    Action.RESTART: metrics.RESTARTED,
+}
 
 
 class Status(StrEnum):
@@ -186,6 +193,10 @@ class DelayedEventService:
             NotFound, Conflict, HomeserverError (the send action's refusal).
         """
         generation = "B" if v1 else "A"
+        if requester is None and self.delay_ids.kind(delay_id) is Kind.FORGED:
+            # No event can have this id: refused before any database call.
+            _COUNTERS[action].labels(generation, "refused").inc()
+            raise NotFound("Delayed event not found")
         owner = requester.user_id if requester is not None else None
         now = self.clock.now_ms()
         if action is Action.RESTART:
