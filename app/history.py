@@ -23,7 +23,7 @@ from app.errors import InvalidParam
 from app.models import storable_text
 from app.repository import DelayedEvent
 from app.repository_history import HistoryFilter
-from app.service import DelayedEventService
+from app.service import PAGE_BYTES, DelayedEventService
 
 _TOKEN_VERSION = 1
 _MAC_BYTES = 16
@@ -62,13 +62,22 @@ async def lookup(
     where = HistoryFilter(user_id=requester.user_id, **asdict(query))
     async with service.engine.begin() as conn:
         # Every authenticated request refreshes the token its device's events replay with.
-        await service._refresh_token(conn, requester)
-        events = await history_repo.list_history(conn, where, after=after, limit=limit + 1)
-    if len(events) <= limit:
-        return HistoryPage(events, None)
-    events = events[:limit]
-    last = events[-1]
-    return HistoryPage(events, signer.make((last.send_ts, last.delay_id), requester.user_id, query))
+        await service.refresh_token(conn, requester)
+        page = await history_repo.list_history(
+            # A finalised item shows its content twice, and the v1 answer shows every item
+            # under two list names.
+            conn,
+            where,
+            after=after,
+            limit=limit,
+            max_bytes=PAGE_BYTES // 4,
+        )
+    if not page.more or not page.events:
+        return HistoryPage(page.events, None)
+    last = page.events[-1]
+    return HistoryPage(
+        page.events, signer.make((last.send_ts, last.delay_id), requester.user_id, query)
+    )
 
 
 def _b64(raw: bytes) -> str:

@@ -100,6 +100,9 @@ def _rate_limits(settings: Settings, clock: Clock) -> RateLimits:
         tokenless=TokenBuckets(
             settings.ratelimit_tokenless_per_second, settings.ratelimit_tokenless_burst, now
         ),
+        untagged=TokenBuckets(
+            settings.ratelimit_untagged_per_second, settings.ratelimit_untagged_burst, now
+        ),
     )
 
 

@@ -1,6 +1,8 @@
 """Rate limits: token buckets in memory, one per user (scheduling; management and lookups) and one
 per delay_id for calls without a token. Never per IP address: one SFU host restarts the delayed
-events of every participant it carries.
+events of every participant it carries. Calls without a token on delay_ids without a tag (issued
+before tags, `app.delay_ids`) also share one bucket: random ids of that form would pass their own
+buckets, and each costs a database call. Calls with a token never touch that bucket.
 
 Each replica keeps its own buckets, so behind N replicas a client can reach up to N times a limit;
 the per-user cap on scheduled events, kept in the database, is exact.
@@ -53,20 +55,25 @@ class RateLimits:
         schedule: TokenBuckets,
         manage: TokenBuckets,
         tokenless: TokenBuckets,
+        untagged: TokenBuckets,
     ) -> None:
         self._schedule = schedule
         self._manage = manage
         self._tokenless = tokenless
+        self._untagged = untagged
 
     def schedule(self, user_id: str) -> None:
         _check(self._schedule, user_id)
 
-    def manage(self, user_id: str | None, delay_id: str) -> None:
-        """Management and lookups: per user with a token, per delay_id without one."""
+    def manage(self, user_id: str | None, delay_id: str, *, untagged: bool = False) -> None:
+        """Management and lookups: per user with a token, per delay_id without one; and, for a
+        delay_id without a tag, the budget all of those share."""
         if user_id is not None:
             _check(self._manage, user_id)
-        else:
-            _check(self._tokenless, delay_id)
+            return
+        if untagged:
+            _check(self._untagged, "")
+        _check(self._tokenless, delay_id)
 
 
 def _check(buckets: TokenBuckets, key: str) -> None:

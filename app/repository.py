@@ -287,6 +287,21 @@ _FINALISE_SENT_MANY = text(
     """
 )
 
+# A schedule stores its device's token (an upsert, which locks the row) in the transaction that
+# inserts its event. A DELETE alone would not see that event until it commits, and under READ
+# COMMITTED it would go on to delete the row once the schedule commits. So the rows are locked
+# first, in key order (waiting for any schedule holding one), and the DELETE, a statement of its
+# own, then sees every event committed meanwhile.
+_LOCK_TOKENS = text(
+    """
+    SELECT 1 FROM device_token AS d
+    JOIN unnest(CAST(:users AS text[]), CAST(:devices AS text[])) AS t (user_id, device_id)
+      ON d.user_id = t.user_id AND d.device_id = t.device_id
+    ORDER BY d.user_id, d.device_id
+    FOR UPDATE OF d
+    """
+)
+
 _FORGET_UNUSED_TOKENS = text(
     """
     DELETE FROM device_token AS d
@@ -395,6 +410,46 @@ async def next_due(conn: AsyncConnection) -> int | None:
     return due
 
 
+@dataclass(frozen=True, slots=True)
+class Page:
+    """A page of a lookup: the events, in order, and whether more come after them."""
+
+    events: list[DelayedEvent]
+    more: bool
+
+
+def _stored_size() -> Any:
+    """What a row's content and error take as stored (read from the row's header: nothing is
+    decompressed or fetched for it)."""
+    return func.octet_length(T.content) + func.coalesce(func.octet_length(T.error), 0)
+
+
+async def bounded_page(
+    conn: AsyncConnection, where: list[Any], order: tuple[Any, ...], limit: int, max_bytes: int
+) -> Page:
+    """Up to `limit` rows matching `where` in `order`, cut once their stored content and errors
+    reach `max_bytes` (at least one row): first the sizes alone, then only the rows kept, so a
+    page over large contents never reads more than it shows."""
+    sized = (
+        await conn.execute(
+            select(T.delay_id, _stored_size()).where(*where).order_by(*order).limit(limit + 1)
+        )
+    ).all()
+    kept: list[str] = []
+    total = 0
+    for delay_id, size in sized[:limit]:
+        if kept and total >= max_bytes:
+            break
+        kept.append(delay_id)
+        total += size
+    if not kept:
+        return Page([], more=False)
+    result = await conn.execute(
+        select(*_COLUMNS).where(*where, T.delay_id.in_(kept)).order_by(*order)
+    )
+    return Page([_event(row) for row in result], more=len(kept) < len(sized))
+
+
 async def list_scheduled(
     conn: AsyncConnection,
     user_id: str,
@@ -402,17 +457,16 @@ async def list_scheduled(
     delay_ids: list[str],
     after: tuple[int, str] | None,
     limit: int,
-) -> list[DelayedEvent]:
-    """A user's scheduled events by send time, after the keyset position `after`."""
-    query = select(*_COLUMNS).where(T.user_id == user_id, T.status == SCHEDULED)
+    max_bytes: int,
+) -> Page:
+    """A user's scheduled events by send time, after the keyset position `after`: at most
+    `limit`, and no more once their content reaches `max_bytes`."""
+    where = [T.user_id == user_id, T.status == SCHEDULED]
     if delay_ids:
-        query = query.where(T.delay_id.in_(delay_ids))
+        where.append(T.delay_id.in_(delay_ids))
     if after is not None:
-        query = query.where(
-            or_(T.send_ts > after[0], and_(T.send_ts == after[0], T.delay_id > after[1]))
-        )
-    result = await conn.execute(query.order_by(T.send_ts, T.delay_id).limit(limit))
-    return [_event(row) for row in result]
+        where.append(or_(T.send_ts > after[0], and_(T.send_ts == after[0], T.delay_id > after[1])))
+    return await bounded_page(conn, where, (T.send_ts, T.delay_id), limit, max_bytes)
 
 
 async def list_finalised(
@@ -422,20 +476,21 @@ async def list_finalised(
     delay_ids: list[str],
     after: tuple[int, str] | None,
     limit: int,
-) -> list[DelayedEvent]:
-    """A user's finalised events, newest first, after the keyset position `after`."""
-    query = select(*_COLUMNS).where(T.user_id == user_id, T.status != SCHEDULED)
+    max_bytes: int,
+) -> Page:
+    """A user's finalised events, newest first, after the keyset position `after`: at most
+    `limit`, and no more once their content and errors reach `max_bytes`."""
+    where = [T.user_id == user_id, T.status != SCHEDULED]
     if delay_ids:
-        query = query.where(T.delay_id.in_(delay_ids))
+        where.append(T.delay_id.in_(delay_ids))
     if after is not None:
-        query = query.where(
+        where.append(
             or_(
                 T.finalised_ts < after[0],
                 and_(T.finalised_ts == after[0], T.delay_id > after[1]),
             )
         )
-    result = await conn.execute(query.order_by(T.finalised_ts.desc(), T.delay_id).limit(limit))
-    return [_event(row) for row in result]
+    return await bounded_page(conn, where, (T.finalised_ts.desc(), T.delay_id), limit, max_bytes)
 
 
 async def cancel_by_newer_state(
@@ -566,19 +621,16 @@ async def forget_unused_tokens(
     conn: AsyncConnection, devices: Iterable[tuple[str, str | None]]
 ) -> None:
     """Delete the tokens of these (user, device)s that none of their events needs any more (none
-    is scheduled), in one statement; devices are taken in key order, so two callers never wait
-    on each other crosswise."""
+    is scheduled). The rows are locked first, in key order (so two callers never wait on each
+    other crosswise), which waits for a schedule of the same device still committing; only then
+    is it decided what to delete, so a token a newly scheduled event needs is kept."""
     ordered = sorted({(user, device or "") for user, device in devices})
     if not ordered:
         return
-    await conn.execute(
-        _FORGET_UNUSED_TOKENS,
-        {
-            "scheduled": SCHEDULED,
-            "users": [user for user, _ in ordered],
-            "devices": [device for _, device in ordered],
-        },
-    )
+    keys = {"users": [user for user, _ in ordered], "devices": [device for _, device in ordered]}
+    if not (await conn.execute(_LOCK_TOKENS, keys)).first():
+        return  # nothing stored for them: nothing to forget
+    await conn.execute(_FORGET_UNUSED_TOKENS, {"scheduled": SCHEDULED, **keys})
 
 
 __all__ = ["CANCELLED", "FAILED", "SCHEDULED", "SENT", "DelayedEvent"]

@@ -11,7 +11,7 @@ from sqlalchemy import Select, and_, or_, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.models import CANCELLED, FAILED, SCHEDULED, SENT, delayed_event
-from app.repository import DelayedEvent
+from app.repository import DelayedEvent, Page, bounded_page
 
 T = delayed_event.c
 _COLUMNS = [getattr(T, name) for name in DelayedEvent.__slots__]
@@ -47,34 +47,41 @@ async def list_history(
     *,
     after: tuple[int, str] | None,
     limit: int,
-) -> list[DelayedEvent]:
+    max_bytes: int,
+) -> Page:
     """Up to `limit` events matching `where`, by (send_ts, delay_id) ascending (descending when
-    `backwards`), strictly past the keyset position `after`."""
-    result = await conn.execute(history_statement(where, after=after, limit=limit))
-    return [DelayedEvent(*row) for row in result]
+    `backwards`), strictly past the keyset position `after`, and no more once their stored
+    content and errors reach `max_bytes` (at least one)."""
+    conditions, order = _conditions(where, after)
+    return await bounded_page(conn, conditions, order, limit, max_bytes)
 
 
 def history_statement(
     where: HistoryFilter, *, after: tuple[int, str] | None, limit: int
 ) -> Select[Any]:
-    """The SELECT of `list_history` (the tests EXPLAIN it)."""
-    query = select(*_COLUMNS).where(T.user_id == where.user_id)
+    """The SELECT that orders and filters a page of `list_history` (the tests EXPLAIN it)."""
+    conditions, order = _conditions(where, after)
+    return select(*_COLUMNS).where(*conditions).order_by(*order).limit(limit)
+
+
+def _conditions(
+    where: HistoryFilter, after: tuple[int, str] | None
+) -> tuple[list[Any], tuple[Any, ...]]:
+    conditions: list[Any] = [T.user_id == where.user_id]
     if where.status is not None:
-        query = query.where(_STATUS[where.status])
+        conditions.append(_STATUS[where.status])
     if where.room_id is not None:
-        query = query.where(T.room_id == where.room_id)
+        conditions.append(T.room_id == where.room_id)
     if where.event_type is not None:
-        query = query.where(T.event_type == where.event_type)
+        conditions.append(T.event_type == where.event_type)
     if where.from_ts is not None:
-        query = query.where(T.send_ts >= where.from_ts)
+        conditions.append(T.send_ts >= where.from_ts)
     if where.to_ts is not None:
-        query = query.where(T.send_ts < where.to_ts)
+        conditions.append(T.send_ts < where.to_ts)
     position = tuple_(T.send_ts, T.delay_id)
     if after is not None:
         mark = tuple_(*after)
-        query = query.where(position < mark if where.backwards else position > mark)
+        conditions.append(position < mark if where.backwards else position > mark)
     if where.backwards:
-        query = query.order_by(T.send_ts.desc(), T.delay_id.desc())
-    else:
-        query = query.order_by(T.send_ts, T.delay_id)
-    return query.limit(limit)
+        return conditions, (T.send_ts.desc(), T.delay_id.desc())
+    return conditions, (T.send_ts, T.delay_id)

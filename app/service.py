@@ -7,7 +7,6 @@ import base64
 import binascii
 import json
 import math
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -20,6 +19,7 @@ from app import repository as repo
 from app.auth import Requester
 from app.clock import Clock
 from app.crypto import TokenCipher
+from app.delay_ids import DelayIds, Kind
 from app.errors import (
     Conflict,
     Forbidden,
@@ -42,6 +42,13 @@ class Action(StrEnum):
     RESTART = "restart"
 
 
+_COUNTERS = {
+    Action.SEND: metrics.SENT,
+    Action.CANCEL: metrics.CANCELLED,
+    Action.RESTART: metrics.RESTARTED,
+}
+
+
 class Status(StrEnum):
     SCHEDULED = "scheduled"
     FINALISED = "finalised"
@@ -59,9 +66,10 @@ class ScheduleRequest:
     txn_key: str | None
 
 
-def new_delay_id() -> str:
-    """An opaque, url-safe id with 144 random bits: holding it is what lets a tokenless call act."""
-    return secrets.token_urlsafe(18)
+def new_delay_id(ids: DelayIds) -> str:
+    """An opaque, url-safe id with 144 random bits and a keyed tag (`app.delay_ids`): holding it
+    is what lets a tokenless call act."""
+    return ids.new()
 
 
 class DelayedEventService:
@@ -81,6 +89,7 @@ class DelayedEventService:
         self.settings = settings
         self._wake_at = wake_at
         self.restarts = RestartBatcher(engine, clock)
+        self.delay_ids = DelayIds(settings.token_keys)
         # With an application service to act as users, their access tokens are not needed.
         self._keeps_tokens = settings.appservice_token is None
 
@@ -124,14 +133,14 @@ class DelayedEventService:
             if request.txn_key is not None:
                 existing = await repo.find_by_txn(conn, user, device, request.txn_key)
                 if existing is not None:
-                    await self._refresh_token(conn, requester)
+                    await self.refresh_token(conn, requester)
                     metrics.SCHEDULED.labels(request.generation, "repeat").inc()
                     return existing
             count, earliest = await repo.count_scheduled(conn, user)
             if count >= self.settings.max_scheduled_per_user:
                 metrics.SCHEDULED.labels(request.generation, "limited").inc()
                 raise self._too_many(earliest, now)
-            delay_id = new_delay_id()
+            delay_id = new_delay_id(self.delay_ids)
             await repo.insert_event(
                 conn,
                 delay_id=delay_id,
@@ -165,7 +174,7 @@ class DelayedEventService:
             headers={"Retry-After": str(math.ceil(wait_ms / 1000))},
         )
 
-    async def _refresh_token(self, conn: AsyncConnection, requester: Requester) -> None:
+    async def refresh_token(self, conn: AsyncConnection, requester: Requester) -> None:
         """Every authenticated request refreshes the token its device's events replay with."""
         if self._keeps_tokens:
             now = self.clock.now_ms()
@@ -196,6 +205,10 @@ class DelayedEventService:
             NotFound, Conflict, HomeserverError (the send action's refusal).
         """
         generation = "B" if v1 else "A"
+        if requester is None and self.delay_ids.kind(delay_id) is Kind.FORGED:
+            # No event can have this id: refused before any database call.
+            _COUNTERS[action].labels(generation, "refused").inc()
+            raise NotFound("Delayed event not found")
         owner = requester.user_id if requester is not None else None
         now = self.clock.now_ms()
         if action is Action.RESTART:
@@ -211,7 +224,7 @@ class DelayedEventService:
                 claimed = await repo.claim_one(conn, delay_id, owner, now, lease)
                 done = claimed is not None
             if requester is not None:
-                await self._refresh_token(conn, requester)
+                await self.refresh_token(conn, requester)
             existing = None if done else await repo.get(conn, delay_id)
         if not done:
             counter.labels(generation, "refused").inc()
@@ -266,14 +279,14 @@ class DelayedEventService:
 
     # Lookup ------------------------------------------------------------------------------------
 
-    async def get(self, requester: Requester, delay_id: str) -> dict[str, Any]:
+    async def get(self, requester: Requester, delay_id: str) -> RenderedJSON:
         """One of the requester's events, scheduled or finalised."""
         async with self.engine.begin() as conn:
-            await self._refresh_token(conn, requester)
+            await self.refresh_token(conn, requester)
             event = await repo.get(conn, delay_id)
         if event is None or event.user_id != requester.user_id:
             raise NotFound("Delayed event not found")
-        return render(event)
+        return RenderedJSON(render(event))
 
     async def list(
         self,
@@ -283,23 +296,23 @@ class DelayedEventService:
         delay_ids: list[str],
         from_token: str | None,
         limit: int,
-    ) -> dict[str, Any]:
-        """A page of the requester's events: scheduled by send time, finalised newest first."""
+    ) -> RenderedJSON:
+        """A page of the requester's events: scheduled by send time, finalised newest first; at
+        most `limit` of each, and no more once the page passes `PAGE_BYTES` (at least one)."""
         cursor = decode_cursor(from_token) if from_token else {}
         want_scheduled = status in (None, Status.SCHEDULED) and cursor.get("s") != "done"
         want_finalised = status in (None, Status.FINALISED) and cursor.get("f") != "done"
-        scheduled: list[DelayedEvent] = []
-        finalised: list[DelayedEvent] = []
-        next_cursor: dict[str, Any] = {}
+        scheduled = finalised = repo.Page([], more=False)
         async with self.engine.begin() as conn:
-            await self._refresh_token(conn, requester)
+            await self.refresh_token(conn, requester)
             if want_scheduled:
                 scheduled = await repo.list_scheduled(
                     conn,
                     requester.user_id,
                     delay_ids=delay_ids,
                     after=_position(cursor.get("s")),
-                    limit=limit + 1,
+                    limit=limit,
+                    max_bytes=PAGE_BYTES // 2,  # its items are shown twice (two list names)
                 )
             if want_finalised:
                 finalised = await repo.list_finalised(
@@ -307,31 +320,24 @@ class DelayedEventService:
                     requester.user_id,
                     delay_ids=delay_ids,
                     after=_position(cursor.get("f")),
-                    limit=limit + 1,
+                    limit=limit,
+                    max_bytes=PAGE_BYTES // 2,  # its items show their content twice
                 )
-        more = False
-        if len(scheduled) > limit:
-            scheduled = scheduled[:limit]
-            next_cursor["s"] = [scheduled[-1].send_ts, scheduled[-1].delay_id]
-            more = True
-        else:
-            next_cursor["s"] = "done"
-        if len(finalised) > limit:
-            finalised = finalised[:limit]
-            last = finalised[-1]
-            next_cursor["f"] = [last.finalised_ts, last.delay_id]
-            more = True
-        else:
-            next_cursor["f"] = "done"
-        items = [render(e) for e in scheduled]
-        body: dict[str, Any] = {"delayed_events": items}
+        budget = _Budget(PAGE_BYTES)
+        next_cursor: dict[str, Any] = {}
+        scheduled_items = budget.take(scheduled, "s", cursor, next_cursor, lambda e: e.send_ts)
+        finalised_items = budget.take(
+            finalised, "f", cursor, next_cursor, lambda e: e.finalised_ts or 0, copies=1
+        )
+        items = "[" + ",".join(scheduled_items) + "]"
+        parts = ['"delayed_events":' + items]
         if status in (None, Status.SCHEDULED):
-            body["scheduled"] = items
+            parts.append('"scheduled":' + items)  # the same items, rendered once
         if status in (None, Status.FINALISED):
-            body["finalised"] = [render(e) for e in finalised]
-        if more:
-            body["next_batch"] = encode_cursor(next_cursor)
-        return body
+            parts.append('"finalised":[' + ",".join(finalised_items) + "]")
+        if budget.more:
+            parts.append('"next_batch":' + json.dumps(encode_cursor(next_cursor)))
+        return RenderedJSON("{" + ",".join(parts) + "}")
 
     # Newer state -------------------------------------------------------------------------------
 
@@ -368,14 +374,66 @@ class DelayedEventService:
 
 # Rendering -------------------------------------------------------------------------------------
 
+# A page of a lookup stops once its items pass this size: a page of 1,000 events of 64 KiB
+# content would otherwise be read and rendered (about 100 MB) in one go, holding up every other
+# request of the process meanwhile.
+PAGE_BYTES = 1 << 20
 
-def render(event: DelayedEvent) -> dict[str, Any]:
-    """An event as lookups show it: the union of the field names both generations use."""
-    item: dict[str, Any] = {
+
+@dataclass(frozen=True, slots=True)
+class RenderedJSON:
+    """A JSON document the service has rendered; the API sends it as it is."""
+
+    text: str
+
+
+class _Budget:
+    """What is left of a page's size; its first item is always taken."""
+
+    def __init__(self, size: int) -> None:
+        self._left = size
+        self._taken = 0
+        self.more = False  # some list goes on after this page
+
+    def take(
+        self,
+        page: repo.Page,
+        key: str,
+        cursor: dict[str, Any],
+        next_cursor: dict[str, Any],
+        position: Callable[[DelayedEvent], int],
+        copies: int = 2,
+    ) -> list[str]:
+        """Render the events of `page` while the budget lasts (each shown `copies` times in the
+        answer); set `next_cursor[key]` to where the list goes on (`done` when it is over)."""
+        items: list[str] = []
+        for event in page.events:
+            if self._taken and self._left <= 0:
+                break
+            item = render(event)
+            items.append(item)
+            self._left -= copies * len(item)
+            self._taken += 1
+        more = page.more or len(items) < len(page.events)
+        self.more = self.more or more
+        if items:
+            last = page.events[len(items) - 1]
+            next_cursor[key] = [position(last), last.delay_id] if more else "done"
+        elif not more:
+            next_cursor[key] = "done"
+        elif key in cursor:  # nothing of this list fitted: it goes on where it was
+            next_cursor[key] = cursor[key]
+        return items
+
+
+def render(event: DelayedEvent) -> str:
+    """An event as lookups show it, as JSON text: the union of the field names both generations
+    use. The stored content (compact JSON) and error are spliced in as they are, never parsed,
+    and a finalised event's scheduled fields are rendered once for the flat and nested copies."""
+    fields: dict[str, Any] = {
         "delay_id": event.delay_id,
         "room_id": event.room_id,
         "type": event.event_type,
-        "content": json.loads(event.content),
         "delay": event.delay_ms,
         "delay_ms": event.delay_ms,
         "running_since": event.running_since,
@@ -383,23 +441,31 @@ def render(event: DelayedEvent) -> dict[str, Any]:
         "delayed_since_ts": event.running_since,
     }
     if event.state_key is not None:
-        item["state_key"] = event.state_key
+        fields["state_key"] = event.state_key
+    scheduled = _splice(fields, {"content": event.content})
     if event.status == SCHEDULED:
-        return item
-    finalised: dict[str, Any] = {"finalised_ts": event.finalised_ts}
+        return scheduled
+    outcome: dict[str, Any] = {"finalised_ts": event.finalised_ts}
     if event.event_id is not None:
-        finalised["event_id"] = event.event_id
-    if event.error is not None:
-        finalised["error"] = json.loads(event.error)
-    outcome = "send" if event.status == SENT else "cancel"
-    return {
-        **item,
-        **finalised,
-        "finalised": finalised,
-        "outcome": outcome,
-        "reason": event.reason,
-        "delayed_event": dict(item),
-    }
+        outcome["event_id"] = event.event_id
+    error = {"error": event.error} if event.error is not None else {}
+    return _splice(
+        {**fields, **outcome, "outcome": "send" if event.status == SENT else "cancel"},
+        {
+            "reason": json.dumps(event.reason),
+            "content": event.content,
+            **error,
+            "finalised": _splice(outcome, error),
+            "delayed_event": scheduled,
+        },
+    )
+
+
+def _splice(fields: dict[str, Any], rendered: dict[str, str]) -> str:
+    """A JSON object of `fields` and of members already rendered as JSON text."""
+    members = [json.dumps(fields)[1:-1]] if fields else []
+    members += [f"{json.dumps(name)}:{text}" for name, text in rendered.items()]
+    return "{" + ",".join(members) + "}"
 
 
 def encode_cursor(cursor: dict[str, Any]) -> str:

@@ -8,11 +8,13 @@ exclusive, both bounds on the send time whatever `dir` is; a window whose `from_
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter
 from starlette.requests import Request
+from starlette.responses import Response
 
 from app import history
 from app.api import requests as rq
@@ -74,7 +76,7 @@ def parse_query(pairs: Pairs) -> HistoryQuery:
     )
 
 
-async def _page(request: Request, pairs: Pairs) -> tuple[HistoryQuery, dict[str, Any]]:
+async def _page(request: Request, pairs: Pairs) -> tuple[HistoryQuery, history.HistoryPage]:
     c = container(request)
     requester = await c.auth.required(request)
     c.limits.manage(requester.user_id, "")
@@ -83,23 +85,26 @@ async def _page(request: Request, pairs: Pairs) -> tuple[HistoryQuery, dict[str,
     page = await history.lookup(
         c.service, requester, query, from_token=rq.single(pairs, "from"), limit=limit
     )
-    body: dict[str, Any] = {"delayed_events": [render(e) for e in page.events]}
-    if page.next_batch is not None:
-        body["next_batch"] = page.next_batch
-    return query, body
+    return query, page
 
 
-async def list_unstable(request: Request) -> dict[str, Any]:
+def _answer(lists: dict[str, list[str]], next_batch: str | None) -> Response:
+    """The page as JSON, each item's text (rendered once) spliced in under every list name."""
+    parts = [f"{json.dumps(name)}:[{','.join(items)}]" for name, items in lists.items()]
+    if next_batch is not None:
+        parts.append('"next_batch":' + json.dumps(next_batch))
+    return Response("{" + ",".join(parts) + "}", media_type="application/json")
+
+
+async def list_unstable(request: Request) -> Response:
     pairs = rq.query_pairs(request)
     if any(key == "delay_id" for key, _, _ in pairs):
         raise InvalidParam("delay_id is not a filter of this lookup; use /v1/delayed_events")
-    _, body = await _page(request, pairs)
-    return body
+    _, page = await _page(request, pairs)
+    return _answer({"delayed_events": [render(e) for e in page.events]}, page.next_batch)
 
 
-async def list_v1(
-    request: Request, legacy: Callable[[Request], Awaitable[dict[str, Any]]]
-) -> dict[str, Any]:
+async def list_v1(request: Request, legacy: Callable[[Request], Awaitable[Response]]) -> Response:
     """`GET /v1/delayed_events`: MSC4486's lookup, or `legacy` (the earlier v1 list) when asked
     for `status=finalised` or by `delay_id`. Both answers carry `scheduled` and `finalised`."""
     pairs = rq.query_pairs(request)
@@ -114,14 +119,14 @@ async def list_v1(
                 f"{', '.join(mixed)} cannot be combined with status=finalised or delay_id"
             )
         return await legacy(request)
-    query, body = await _page(request, pairs)
-    items = body["delayed_events"]
-    scheduled = [item for item in items if "finalised" not in item]
+    query, page = await _page(request, pairs)
+    rendered = [(event.status == SCHEDULED, render(event)) for event in page.events]
+    lists = {"delayed_events": [text for _, text in rendered]}
     if query.status in (None, SCHEDULED):
-        body["scheduled"] = scheduled
+        lists["scheduled"] = [text for scheduled, text in rendered if scheduled]
     if query.status != SCHEDULED:
-        body["finalised"] = [item for item in items if "finalised" in item]
-    return body
+        lists["finalised"] = [text for scheduled, text in rendered if not scheduled]
+    return _answer(lists, page.next_batch)
 
 
 def _query_doc(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:

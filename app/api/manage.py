@@ -7,13 +7,15 @@ from typing import Any
 
 from fastapi import APIRouter
 from starlette.requests import Request
+from starlette.responses import Response
 
 from app.api import history, openapi
 from app.api import requests as rq
 from app.api.deps import container
 from app.auth import Requester
+from app.delay_ids import Kind
 from app.errors import InvalidParam, MissingParam, MissingToken, Unrecognized
-from app.service import Action, Status
+from app.service import Action, RenderedJSON, Status
 
 router = APIRouter()
 
@@ -22,13 +24,19 @@ V1 = "/_matrix/client/v1"
 
 
 async def _requester(request: Request, delay_id: str, *, v1: bool) -> Requester | None:
-    """The caller of an action, if a token came; rate limited per user, else per delay_id."""
+    """The caller of an action, if a token came; rate limited per user, else per delay_id (an
+    id the sidecar cannot have issued takes no bucket: the service refuses it at no cost)."""
     c = container(request)
     requester = await c.auth.optional(request)
     if requester is None and v1:
         raise MissingToken("Missing access token")
-    c.limits.manage(requester.user_id if requester is not None else None, delay_id)
-    return requester
+    if requester is not None:
+        c.limits.manage(requester.user_id, delay_id)
+        return requester
+    kind = c.service.delay_ids.kind(delay_id)
+    if kind is not Kind.FORGED:
+        c.limits.manage(None, delay_id, untagged=kind is Kind.UNTAGGED)
+    return None
 
 
 async def split_action(
@@ -58,7 +66,12 @@ async def _act_from_body(request: Request, delay_id: str, *, v1: bool) -> dict[s
     return {}
 
 
-async def _list(request: Request) -> dict[str, Any]:
+def _json(rendered: RenderedJSON) -> Response:
+    """A document the service rendered, sent as it is (no second pass over large contents)."""
+    return Response(rendered.text, media_type="application/json")
+
+
+async def _list(request: Request) -> Response:
     c = container(request)
     requester = await c.auth.required(request)
     c.limits.manage(requester.user_id, "")
@@ -71,20 +84,21 @@ async def _list(request: Request) -> dict[str, Any]:
     delay_ids = [value for key, value, _ in pairs if key == "delay_id"]
     if len(delay_ids) > rq.MAX_PAGE:
         raise InvalidParam(f"At most {rq.MAX_PAGE} delay_id values")
-    return await c.service.list(
+    page = await c.service.list(
         requester,
         status=status,
         delay_ids=delay_ids,
         from_token=rq.single(pairs, "from"),
         limit=rq.page_limit(pairs),
     )
+    return _json(page)
 
 
-async def _get(request: Request, delay_id: str) -> dict[str, Any]:
+async def _get(request: Request, delay_id: str) -> Response:
     c = container(request)
     requester = await c.auth.required(request)
     c.limits.manage(requester.user_id, "")
-    return await c.service.get(requester, rq.path_segment(delay_id, "delay id"))
+    return _json(await c.service.get(requester, rq.path_segment(delay_id, "delay id")))
 
 
 def _add_routes(prefix: str, v1: bool) -> None:
@@ -100,12 +114,12 @@ def _add_routes(prefix: str, v1: bool) -> None:
     async def act_from_body(request: Request, delay_id: str) -> dict[str, Any]:
         return await _act_from_body(request, delay_id, v1=v1)
 
-    async def list_events(request: Request) -> dict[str, Any]:
+    async def list_events(request: Request) -> Response:
         if v1:
             return await history.list_v1(request, legacy=_list)
         return await _list(request)
 
-    async def get_event(request: Request, delay_id: str) -> dict[str, Any]:
+    async def get_event(request: Request, delay_id: str) -> Response:
         return await _get(request, delay_id)
 
     base = prefix + "/delayed_events"

@@ -327,7 +327,7 @@ async def test_database_errors_do_not_log_statement_parameters(
     """An unexpected database error is logged with its traceback, but not with the values of
     the statement (the event's content, the encrypted token)."""
     s = Session(client, homeserver)
-    monkeypatch.setattr("app.service.new_delay_id", lambda: "always-the-same-id")
+    monkeypatch.setattr("app.service.new_delay_id", lambda ids: "always-the-same-id")
     await s.schedule(60_000, txn="a")
     r = await s.call(
         "PUT",

@@ -3,12 +3,15 @@ delay_id finds an event, and delay_ids cannot be guessed."""
 
 from __future__ import annotations
 
+import base64
 import re
 
 import httpx
 import pytest
 from fastapi import FastAPI
 
+from app.crypto import new_key
+from app.delay_ids import DelayIds
 from app.service import new_delay_id
 from tests.integration.common import (
     ALICE,
@@ -126,7 +129,8 @@ async def test_tokenless_calls_need_the_exact_delay_id(
 
 
 def test_delay_ids_have_at_least_128_random_bits() -> None:
-    ids = [new_delay_id() for _ in range(1000)]
+    issuer = DelayIds([base64.urlsafe_b64decode(new_key() + "=")])
+    ids = [new_delay_id(issuer) for _ in range(1000)]
     assert len(set(ids)) == len(ids)
     for delay_id in ids:
         assert DELAY_ID.fullmatch(delay_id), delay_id

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import subprocess
 
 import httpx
@@ -245,8 +246,15 @@ async def test_key_rotation(
 
 
 async def test_send_action_with_a_token_no_key_opens(
-    database_url: str, clean_db: None, clock: FakeClock, homeserver: FakeHomeserver
+    database_url: str,
+    clean_db: None,
+    clock: FakeClock,
+    homeserver: FakeHomeserver,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # An id of the form issued before ids carried a tag: one tagged under the replaced key would
+    # not be found at all without a token.
+    monkeypatch.setattr("app.service.new_delay_id", lambda ids: secrets.token_urlsafe(18))
     async with running(database_url, clock, homeserver, token_keys=new_key()) as (_, client):
         delay_id = await schedule_message(client, 10_000)
     async with running(database_url, clock, homeserver, token_keys=new_key()) as (app, client):

@@ -49,6 +49,7 @@ def test_limit_exceeded_carries_retry_after() -> None:
         schedule=TokenBuckets(rate=0.4, burst=1, now=clock),
         manage=TokenBuckets(rate=1, burst=1, now=clock),
         tokenless=TokenBuckets(rate=1, burst=1, now=clock),
+        untagged=TokenBuckets(rate=1, burst=1, now=clock),
     )
     limits.schedule("@a:b")
     with pytest.raises(LimitExceeded) as raised:
@@ -64,6 +65,7 @@ def test_tokenless_calls_are_limited_per_delay_id_not_per_caller() -> None:
         schedule=TokenBuckets(rate=1, burst=1, now=clock),
         manage=TokenBuckets(rate=1, burst=1, now=clock),
         tokenless=TokenBuckets(rate=1, burst=1, now=clock),
+        untagged=TokenBuckets(rate=1, burst=1, now=clock),
     )
     for n in range(100):
         limits.manage(None, f"delay{n}")  # one SFU host, many participants

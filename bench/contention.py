@@ -1,0 +1,285 @@
+"""The heartbeat beside other users' load, on one sidecar: open-loop restarts with their owners'
+tokens (bench/loadgen.py) at a fixed rate, measured alone and then beside
+- `lookup`: another user paging through 1,000 finalised events of 64 KiB content
+  (`status=finalised&limit=1000`, following next_batch, over and over), and/or
+- `flood`: tokenless restarts of random delay_ids at a high rate (half of the tagged length, half
+  of the untagged form ids had before they carried a tag).
+
+Needs no homeserver or nginx: a throwaway PostgreSQL, a stub homeserver that answers whoami, and
+`python -m app serve` from this checkout (or `--sidecar-dir`, another checkout using this venv).
+Prints one JSON object: each phase's heartbeat percentiles (ms) and its p99 over the alone run's.
+
+    PYTHONPATH=bench:scripts .venv/bin/python bench/contention.py lookup flood --duration 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = REPO / ".venv" / "bin" / "python"
+sys.path.insert(0, str(REPO / "scripts"))
+
+from devstack.postgres import start_throwaway  # noqa: E402
+
+UNSTABLE = "/_matrix/client/unstable/org.matrix.msc4140"
+USERS = 4
+EVENTS_PER_USER = 50
+PAGER = "@pager:bench"
+FINALISED = 1000
+CONTENT_BYTES = 64 * 1024 - 64
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def homeserver(port: int) -> None:
+    """A stub homeserver: whoami for the tokens `hb<n>` and `pager`."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def whoami(request: Request) -> JSONResponse:
+        token = request.headers.get("authorization", "").removeprefix("Bearer ")
+        if token == "pager":
+            return JSONResponse({"user_id": PAGER, "device_id": "PAGER"})
+        if token.startswith("hb"):
+            return JSONResponse({"user_id": f"@{token}:bench", "device_id": "DEVICE"})
+        return JSONResponse({"errcode": "M_UNKNOWN_TOKEN", "error": "unknown"}, status_code=401)
+
+    app = Starlette(routes=[Route("/_matrix/client/v3/account/whoami", whoami)])
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+async def wait_http(url: str, timeout: float = 60) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient() as client:
+        while True:
+            try:
+                await client.get(url)
+                return
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+
+
+async def seed(sidecar: str, database_url: str, out: Path) -> Path:
+    """The heartbeat's events, scheduled through the sidecar (USERS users, EVENTS_PER_USER each),
+    and the pager's finalised history, written straight into the table."""
+    import asyncpg
+    import httpx
+
+    lines = []
+    async with httpx.AsyncClient(base_url=sidecar, timeout=30) as client:
+        for u in range(USERS):
+            for d in range(EVENTS_PER_USER):
+                r = await client.put(
+                    f"/_matrix/client/v3/rooms/%21hb{u}%3Abench/state/m.call.member/"
+                    f"_hb{u}_DEVICE{d}?org.matrix.msc4140.delay=1800000",
+                    json={},
+                    headers={"Authorization": f"Bearer hb{u}"},
+                )
+                r.raise_for_status()
+                lines.append(f"{UNSTABLE}/delayed_events/{r.json()['delay_id']}/restart\thb{u}\n")
+    targets = out / "heartbeat.tsv"
+    targets.write_text("".join(lines))
+    now = int(time.time() * 1000)
+    rows = []
+    for n in range(FINALISED):
+        # Random text: stored as it would be for real contents, not compressed away.
+        body = base64.b64encode(os.urandom(CONTENT_BYTES * 3 // 4)).decode()[:CONTENT_BYTES]
+        rows.append(
+            (
+                f"pager{n:06d}{secrets.token_urlsafe(12)}",
+                PAGER,
+                "PAGER",
+                "A",
+                "!pager:bench",
+                "m.room.message",
+                json.dumps({"body": body}),
+                60_000,
+                now - 60_000,
+                now,
+                "cancelled",
+                "action",
+                now + n,
+            )
+        )
+    conn = await asyncpg.connect(database_url.replace("+asyncpg", ""))
+    try:
+        await conn.executemany(
+            "INSERT INTO delayed_event (delay_id, user_id, device_id, generation, room_id,"
+            " event_type, content, delay_ms, created_ts, send_ts, status, reason, finalised_ts)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+            rows,
+        )
+        await conn.execute("VACUUM ANALYZE delayed_event")
+    finally:
+        await conn.close()
+    return targets
+
+
+def flood_targets(out: Path) -> Path:
+    lines = []
+    for n in range(20_000):
+        delay_id = secrets.token_urlsafe(27 if n % 2 else 18)  # 36 or 24 characters
+        lines.append(f"{UNSTABLE}/delayed_events/{delay_id}/restart\t\n")
+    path = out / "flood.tsv"
+    path.write_text("".join(lines))
+    return path
+
+
+def loadgen(port: int, targets: Path, rate: float, duration: float) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            str(PYTHON),
+            str(REPO / "bench" / "loadgen.py"),
+            "--port",
+            str(port),
+            "--targets",
+            str(targets),
+            "--rate",
+            str(rate),
+            "--duration",
+            str(duration),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+async def page_forever(sidecar: str, stop: asyncio.Event, seen: dict[str, float]) -> None:
+    import httpx
+
+    headers = {"Authorization": "Bearer pager"}
+    query = "status=finalised&limit=1000"
+    async with httpx.AsyncClient(base_url=sidecar, timeout=120) as client:
+        while not stop.is_set():
+            token = None
+            while not stop.is_set():
+                suffix = f"&from={token}" if token else ""
+                started = time.perf_counter()
+                r = await client.get(f"{UNSTABLE}/delayed_events?{query}{suffix}", headers=headers)
+                seen["pages"] += 1
+                seen["bytes"] += len(r.content)
+                seen["slowest_page_s"] = max(seen["slowest_page_s"], time.perf_counter() - started)
+                token = r.json().get("next_batch")
+                if token is None:
+                    break
+
+
+async def phase(
+    name: str, port: int, args: argparse.Namespace, targets: Path, flood: Path | None
+) -> dict[str, Any]:
+    stop = asyncio.Event()
+    seen = {"pages": 0.0, "bytes": 0.0, "slowest_page_s": 0.0}
+    pager = None
+    if "lookup" in name:
+        pager = asyncio.create_task(page_forever(f"http://127.0.0.1:{port}", stop, seen))
+        await asyncio.sleep(1)  # the pager is under way before the heartbeat starts
+    flooder = loadgen(port, flood, args.flood_rate, args.duration + 1) if flood else None
+    heartbeat = loadgen(port, targets, args.rate, args.duration)
+    out, _ = await asyncio.to_thread(heartbeat.communicate)
+    result: dict[str, Any] = {"heartbeat": json.loads(out)}
+    if flooder is not None:
+        flood_out, _ = await asyncio.to_thread(flooder.communicate)
+        flooded = json.loads(flood_out)
+        result["flood"] = {
+            "offered_rate": flooded["offered_rate"],
+            "answered_rate": flooded["completed"] / flooded["wall_s"],
+            "statuses": flooded["statuses"],
+        }
+    if pager is not None:
+        stop.set()
+        await pager
+        result["lookup"] = seen
+    return result
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    sidecar_dir = args.sidecar_dir.resolve()
+    with tempfile.TemporaryDirectory(prefix="bench-contention-") as tmp:
+        out = Path(tmp)
+        os.chmod(tmp, 0o755)
+        server = start_throwaway(out / "pg")
+        processes: list[subprocess.Popen[bytes]] = []
+        try:
+            server.create_database("bench")
+            database_url = server.database_url("bench")
+            hs_port, port = free_port(), free_port()
+            env = {
+                **{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+                "SIDECAR_DATABASE_URL": database_url,
+                "SIDECAR_HOMESERVER_URL": f"http://127.0.0.1:{hs_port}",
+                "SIDECAR_TOKEN_KEYS": base64.urlsafe_b64encode(os.urandom(32)).decode(),
+                "SIDECAR_LISTEN_PORT": str(port),
+                "SIDECAR_LOG_LEVEL": "WARNING",
+                "SIDECAR_RATELIMIT_MANAGE_PER_SECOND": "0",
+            }
+            subprocess.run(
+                [str(PYTHON), "-m", "app", "migrate"], cwd=sidecar_dir, env=env, check=True
+            )
+            processes.append(
+                subprocess.Popen([str(PYTHON), __file__, "--homeserver", str(hs_port)])
+            )
+            processes.append(
+                subprocess.Popen([str(PYTHON), "-m", "app", "serve"], cwd=sidecar_dir, env=env)
+            )
+            await wait_http(f"http://127.0.0.1:{port}/health")
+            targets = await seed(f"http://127.0.0.1:{port}", database_url, out)
+            flood = flood_targets(out)
+            results: dict[str, Any] = {
+                "command": " ".join(sys.argv),
+                "rate": args.rate,
+                "duration_s": args.duration,
+            }
+            phases = ["alone"] + [p for p in ("lookup", "flood") if p in args.beside]
+            for name in phases:
+                results[name] = await phase(
+                    name, port, args, targets, flood if name == "flood" else None
+                )
+            alone = results["alone"]["heartbeat"]["latency_ms"]["99"]
+            for name in phases[1:]:
+                p99 = results[name]["heartbeat"]["latency_ms"]["99"]
+                results[name]["p99_over_alone"] = p99 / alone if alone else None
+            return results
+        finally:
+            for proc in processes:
+                proc.terminate()
+            for proc in processes:
+                proc.wait(timeout=30)
+            server.stop()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--homeserver"]:
+        homeserver(int(sys.argv[2]))
+        sys.exit(0)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("beside", nargs="+", choices=["lookup", "flood"])
+    parser.add_argument("--rate", type=float, default=300.0, help="heartbeat restarts/s")
+    parser.add_argument("--flood-rate", type=float, default=5000.0)
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds per phase")
+    parser.add_argument("--sidecar-dir", type=Path, default=REPO)
+    print(json.dumps(asyncio.run(main(parser.parse_args())), indent=1))
