@@ -12,28 +12,31 @@ from fastapi import FastAPI
 
 from app import repository as repo
 from app.service import PAGE_BYTES
-from tests.integration.common import ALICE, V1, act, schedule_message
+from tests.integration.common import ALICE, UNSTABLE, V1, act, schedule_message
 from tests.support.fakes import FakeClock
 
 BIG = {"body": "x" * 60_000}  # a request body stays under the 64 KiB limit
 
 
-async def page(client: httpx.AsyncClient, query: str) -> tuple[dict[str, Any], int]:
-    r = await client.get(f"{V1}/delayed_events?{query}", headers=ALICE)
+async def page(
+    client: httpx.AsyncClient, query: str, prefix: str = UNSTABLE
+) -> tuple[dict[str, Any], int]:
+    """A page of the msc4140 list (scheduled and finalised apart), or of `prefix`'s list."""
+    r = await client.get(f"{prefix}/delayed_events?{query}", headers=ALICE)
     assert r.status_code == 200, r.text
     body: dict[str, Any] = r.json()
     return body, len(r.content)
 
 
 async def all_pages(
-    client: httpx.AsyncClient, query: str, key: str
+    client: httpx.AsyncClient, query: str, key: str, prefix: str = UNSTABLE
 ) -> tuple[list[str], list[tuple[int, int]]]:
     """Every delay_id of list `key` over all pages, and (items, bytes) of each page."""
     seen: list[str] = []
     sizes: list[tuple[int, int]] = []
     next_query = query
     for _ in range(100):
-        body, size = await page(client, next_query)
+        body, size = await page(client, next_query, prefix)
         seen += [item["delay_id"] for item in body[key]]
         sizes.append((len(body[key]), size))
         if "next_batch" not in body:
@@ -140,3 +143,21 @@ async def test_stored_content_is_spliced_in_once_per_place_it_is_shown(
     r = await client.get(f"{V1}/delayed_events/{scheduled}", headers=ALICE)
     assert r.text.count('{"marker":1e2}') == 1
     assert r.headers["content-type"] == "application/json"
+
+
+async def test_a_page_of_the_msc4486_lookup_stops_at_the_size_budget(
+    client: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    ids = [await schedule_message(client, 60_000 + n, txn=f"s{n}", content=BIG) for n in range(20)]
+    for n in range(10):
+        delay_id = await schedule_message(client, 1000 + n, txn=f"f{n}", content=BIG)
+        assert (await act(client, delay_id, "cancel", headers=ALICE)).status_code == 200
+        ids.insert(n, delay_id)  # sent earlier than every scheduled one: first by send time
+        clock.advance(1)
+    seen, sizes = await all_pages(client, "limit=1000", "delayed_events", prefix=V1)
+    assert seen == ids  # every item once, by send time, finalised and scheduled together
+    assert len(sizes) >= 3
+    for items, size in sizes:
+        # Each item is shown under two list names, a finalised one with its content twice.
+        assert items >= 1
+        assert size < PAGE_BYTES + 4 * 61_000, (items, size)
