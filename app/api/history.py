@@ -19,6 +19,7 @@ from starlette.responses import Response
 from app import history
 from app.api import requests as rq
 from app.api.deps import container
+from app.auth import Requester
 from app.errors import InvalidParam
 from app.history import HistoryQuery
 from app.models import SCHEDULED
@@ -76,10 +77,18 @@ def parse_query(pairs: Pairs) -> HistoryQuery:
     )
 
 
-async def _page(request: Request, pairs: Pairs) -> tuple[HistoryQuery, history.HistoryPage]:
+async def _authenticated(request: Request) -> Requester:
+    """The caller, judged before anything of the query is (a bad token is a 401 first)."""
     c = container(request)
     requester = await c.auth.required(request)
     c.limits.manage(requester.user_id, "")
+    return requester
+
+
+async def _page(
+    request: Request, requester: Requester, pairs: Pairs
+) -> tuple[HistoryQuery, history.HistoryPage]:
+    c = container(request)
     query = parse_query(pairs)
     limit = rq.page_limit(pairs)
     page = await history.lookup(
@@ -97,16 +106,20 @@ def _answer(lists: dict[str, list[str]], next_batch: str | None) -> Response:
 
 
 async def list_unstable(request: Request) -> Response:
+    requester = await _authenticated(request)
     pairs = rq.query_pairs(request)
     if any(key == "delay_id" for key, _, _ in pairs):
         raise InvalidParam("delay_id is not a filter of this lookup; use /v1/delayed_events")
-    _, page = await _page(request, pairs)
+    _, page = await _page(request, requester, pairs)
     return _answer({"delayed_events": [render(e) for e in page.events]}, page.next_batch)
 
 
-async def list_v1(request: Request, legacy: Callable[[Request], Awaitable[Response]]) -> Response:
+async def list_v1(
+    request: Request, legacy: Callable[[Request, Requester], Awaitable[Response]]
+) -> Response:
     """`GET /v1/delayed_events`: MSC4486's lookup, or `legacy` (the earlier v1 list) when asked
     for `status=finalised` or by `delay_id`. Both answers carry `scheduled` and `finalised`."""
+    requester = await _authenticated(request)
     pairs = rq.query_pairs(request)
     uses_legacy = any(
         (key == "status" and value == _LEGACY_STATUS) or key == "delay_id"
@@ -118,8 +131,8 @@ async def list_v1(request: Request, legacy: Callable[[Request], Awaitable[Respon
             raise InvalidParam(
                 f"{', '.join(mixed)} cannot be combined with status=finalised or delay_id"
             )
-        return await legacy(request)
-    query, page = await _page(request, pairs)
+        return await legacy(request, requester)
+    query, page = await _page(request, requester, pairs)
     rendered = [(event.status == SCHEDULED, render(event)) for event in page.events]
     lists = {"delayed_events": [text for _, text in rendered]}
     if query.status in (None, SCHEDULED):

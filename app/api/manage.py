@@ -71,10 +71,12 @@ def _json(rendered: RenderedJSON) -> Response:
     return Response(rendered.text, media_type="application/json")
 
 
-async def _list(request: Request) -> Response:
+async def _list(request: Request, requester: Requester | None = None) -> Response:
+    """The msc4140 list (and the earlier v1 list); `requester` when the caller is judged already."""
     c = container(request)
-    requester = await c.auth.required(request)
-    c.limits.manage(requester.user_id, "")
+    if requester is None:
+        requester = await c.auth.required(request)
+        c.limits.manage(requester.user_id, "")
     pairs = rq.query_pairs(request)
     status_value = rq.single(pairs, "status")
     try:
