@@ -196,7 +196,8 @@ class DelayedEventService:
                 done = await repo.cancel(conn, delay_id, owner, now)
             else:
                 lease = int(self.settings.claim_lease_seconds * 1000)
-                claimed = await repo.claim_one(conn, delay_id, owner, now, lease)
+                holder = self.replayer.holder
+                claimed = await repo.claim_one(conn, delay_id, owner, now, lease, holder)
                 done = claimed is not None
             if requester is not None:
                 await self._refresh_token(conn, requester)
