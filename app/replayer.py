@@ -117,7 +117,7 @@ class Replayer:
     async def free_dead_claims(self) -> int:
         """Make the claims of replicas that are gone due now; how many."""
         async with self.engine.begin() as conn:
-            return await repo.free_dead_claims(conn, self.clock.now_ms(), self._lease_ms)
+            return await repo.free_dead_claims(conn, self.clock.now_ms())
 
     def _credential(
         self, event: DelayedEvent, blobs: dict[tuple[str, str | None], bytes]
@@ -597,7 +597,7 @@ class _Run:
         now = replayer.clock.now_ms()
         async with replayer.engine.begin() as conn:
             # The claims of a replica that is gone are taken over at once, not at their lease's end.
-            await repo.free_dead_claims(conn, now, replayer._lease_ms)
+            await repo.free_dead_claims(conn, now)
             events = await repo.claim_due(conn, now, replayer._lease_ms, limit, replayer.holder)
             devices = {(e.user_id, e.device_id) for e in events}
             blobs = await repo.load_tokens(conn, devices)

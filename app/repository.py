@@ -398,21 +398,18 @@ async def renew_claims(
 _FREE_DEAD_CLAIMS = text(
     f"""
     UPDATE delayed_event AS e SET due_ts = :now
-    WHERE e.status = :scheduled AND e.due_ts > :now AND e.due_ts <= :horizon
-      AND e.claim_id IS NOT NULL AND NOT {_holder_alive("e.claim_id")}
+    WHERE e.status = :scheduled AND e.claim_id IS NOT NULL AND e.due_ts > :now
+      AND NOT {_holder_alive("e.claim_id")}
     RETURNING e.delay_id
     """
 )
 
 
-async def free_dead_claims(conn: AsyncConnection, now: int, lease_ms: int) -> int:
+async def free_dead_claims(conn: AsyncConnection, now: int) -> int:
     """Make the rows claimed by replicas that are gone (their lock is not held) due now, instead
     of when their lease runs out; how many. The rows keep their claim, so they still count as
-    being sent until a new claim replays them. A claim's lease reaches at most a lease past its
-    replica's clock, so this reads no further in the due index than two leases ahead."""
-    result = await conn.execute(
-        _FREE_DEAD_CLAIMS, {"now": now, "horizon": now + 2 * lease_ms, "scheduled": SCHEDULED}
-    )
+    being sent until a new claim replays them. Reads only the claimed rows (their own index)."""
+    result = await conn.execute(_FREE_DEAD_CLAIMS, {"now": now, "scheduled": SCHEDULED})
     return len(result.all())
 
 
