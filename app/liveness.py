@@ -66,8 +66,13 @@ class ReplicaLock:
         await self._drop()
         try:
             conn = await self._engine.connect()
+        except Exception:
+            logger.warning("could not take this replica's lock; the database may be away")
+            return False
+        try:
             conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
             for statement in _KEEPALIVES:
+                # Not every server lets a session set these (nor needs them, on a local socket).
                 with contextlib.suppress(Exception):
                     await conn.execute(text(statement))
             while True:
@@ -77,6 +82,10 @@ class ReplicaLock:
                     break
         except Exception:
             logger.warning("could not take this replica's lock; the database may be away")
+            with contextlib.suppress(Exception):
+                await conn.invalidate()
+            with contextlib.suppress(Exception):
+                await conn.close()
             return False
         self._conn = conn
         self.key = key

@@ -147,3 +147,29 @@ async def test_claims_naming_no_lock_keep_their_lease(
     assert await replayer.run_due() == 0
     clock.advance(5000)
     assert await replayer.run_due() == 1
+
+
+async def test_a_replica_that_lost_its_lock_takes_a_new_key(
+    app: FastAPI, client: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    """After its lock's session ends, the replica's check notices, and the new lock it takes
+    has a new key: claims under the old one count as a gone replica's."""
+    liveness = _replayer(app).liveness
+    try:
+        assert await liveness.acquire()
+        assert await liveness.check()
+        old = liveness.key
+        await schedule_message(client, 1000)
+        clock.advance(1000)
+        async with app.state.container.engine.begin() as conn:
+            (claimed,) = await repo.claim_due(conn, clock.now_ms(), 60_000, 10, old)
+        await _end_session_from_the_server(app)
+        assert not await liveness.check()
+        assert liveness.key is None
+        assert await liveness.acquire()
+        assert liveness.key not in (None, old)
+        async with app.state.container.engine.begin() as conn:
+            assert not await repo.recheck_claim(conn, claimed, clock.now_ms() + 60_000)
+        assert await _replayer(app).free_dead_claims() == 1
+    finally:
+        await liveness.stop()
