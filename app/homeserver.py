@@ -96,6 +96,13 @@ class Transient:
 
     error: dict[str, Any]
     retry_after_ms: int | None = None
+    # The request reached the homeserver but no answer came back (a read timeout, a dropped
+    # connection, a gateway's timeout): the homeserver may have taken the event.
+    in_doubt: bool = False
+
+
+# Failures after the whole request was sent: the homeserver may have acted on it.
+_IN_DOUBT = (httpx.ReadTimeout, httpx.ReadError, httpx.RemoteProtocolError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,21 +231,24 @@ class Homeserver:
             _count_error("unreachable")
             reason = type(exc).__name__
             return Transient(
-                {"errcode": "M_UNKNOWN", "error": f"homeserver unreachable ({reason})"}
+                {"errcode": "M_UNKNOWN", "error": f"homeserver unreachable ({reason})"},
+                in_doubt=isinstance(exc, _IN_DOUBT),
             )
         if response.status_code == 200:
             body = json_object(response)
             if body is not None and isinstance(body.get("event_id"), str):
                 return Sent(body["event_id"])
             _count_error("bad_response")
-            return Transient({"errcode": "M_UNKNOWN", "error": "homeserver gave no event_id"})
+            return Transient(
+                {"errcode": "M_UNKNOWN", "error": "homeserver gave no event_id"}, in_doubt=True
+            )
         error = _error_body(response)
         _count_error(error["errcode"])
         if response.status_code == 429:
             retry_after = error.get("retry_after_ms")
             return Transient(error, retry_after if isinstance(retry_after, int) else None)
         if response.status_code >= 500 or response.status_code == 408:
-            return Transient(error)
+            return Transient(error, in_doubt=response.status_code == 504)
         return Refused(response.status_code, error)
 
     async def state_event(

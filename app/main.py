@@ -24,6 +24,7 @@ from app.clock import Clock, SystemClock
 from app.crypto import TokenCipher
 from app.errors import MatrixError
 from app.homeserver import Homeserver
+from app.liveness import ReplicaLock
 from app.ratelimit import RateLimits, TokenBuckets
 from app.replayer import Replayer
 from app.scheduler import WakeUpScheduler
@@ -61,6 +62,7 @@ def build_container(
     homeserver = Homeserver(settings.homeserver_url, client)
     cipher = TokenCipher(settings.token_keys)
     replayer = Replayer(engine, homeserver, cipher, clock, settings)
+    replayer.liveness = ReplicaLock(engine, settings.liveness_check_seconds)
     scheduler_box: list[WakeUpScheduler] = []
     service = DelayedEventService(
         engine, replayer, cipher, clock, settings, wake_at=lambda ts: scheduler_box[0].wake(ts)
@@ -72,6 +74,8 @@ def build_container(
         clock=clock,
         sweep_seconds=settings.sweep_interval_seconds,
         prune_seconds=settings.prune_interval_seconds,
+        free_dead_claims=replayer.free_dead_claims,
+        check_seconds=settings.liveness_check_seconds,
     )
     scheduler_box.append(scheduler)
     replayer.wake = scheduler.wake
@@ -119,12 +123,18 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        liveness = container.service.replayer.liveness
         if start_scheduler:
+            # The lock first: the first run's claims name it.
+            if liveness is not None:
+                await liveness.start()
             container.scheduler.start()
         try:
             yield
         finally:
             container.scheduler.shutdown()
+            if liveness is not None:
+                await liveness.stop()
             await container.homeserver.client.aclose()
             await container.engine.dispose()
 

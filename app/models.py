@@ -116,6 +116,12 @@ Index(
     unique=True,
     postgresql_where=delayed_event.c.txn_key.isnot(None),
 )
+# The claimed rows, few at any time: where the claims of replicas that are gone are looked for.
+Index(
+    "ix_delayed_event_claimed",
+    delayed_event.c.due_ts,
+    postgresql_where=(delayed_event.c.status == SCHEDULED) & delayed_event.c.claim_id.isnot(None),
+)
 Index(
     "ix_delayed_event_state",
     delayed_event.c.room_id,

@@ -1,14 +1,16 @@
 """Replaying delayed events to the homeserver, as the user who scheduled them.
 
-A replay is: claim (one statement, with a lease) -> send -> write the outcome under the same claim.
-A replica that dies between the steps leaves a lease that runs out, and the row falls due again.
-Messages are sent with a transaction id derived from the delay_id, so the homeserver takes a
-repeated replay as the same event.
+A replay is: claim (one statement, with a lease) -> re-check the claim -> send -> write the
+outcome under the same claim. A replica that dies between the steps leaves claims naming its
+replica lock (`app.liveness`), which a peer frees as soon as it sees the lock gone (or, without a
+lock, a lease that runs out), and the row falls due again. Messages are sent with a transaction id
+derived from the delay_id, so the homeserver takes a repeated replay as the same event.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -26,6 +28,7 @@ from app.clock import Clock
 from app.crypto import TokenCipher
 from app.errors import HomeserverError, StoredCredentialFailed
 from app.homeserver import Credential, Homeserver, Refused, ReplayResult, Sent, Transient
+from app.liveness import ReplicaLock
 from app.models import CANCELLED, FAILED, SENT
 from app.repository import DelayedEvent
 from app.settings import Settings
@@ -33,7 +36,6 @@ from app.settings import Settings
 logger = logging.getLogger(__name__)
 
 CANCELLED_BY_STATE = "M_CANCELLED_BY_STATE_UPDATE"
-_BATCH = 200
 
 
 def txn_id_for(delay_id: str) -> str:
@@ -56,7 +58,12 @@ class NewerState:
     """Another user set the same state after this event was scheduled."""
 
 
-Attempt = ReplayResult | NewerState
+@dataclass(frozen=True, slots=True)
+class Lost:
+    """The claim no longer held the row when its request was about to start: not sent."""
+
+
+Attempt = ReplayResult | NewerState | Lost
 
 
 class Replayer:
@@ -75,6 +82,8 @@ class Replayer:
         self.settings = settings
         self._lease_ms = int(settings.claim_lease_seconds * 1000)
         self._run: _Run | None = None
+        # This replica's lock (`app.liveness`), set by the application; its claims name it.
+        self.liveness: ReplicaLock | None = None
         # Asks the clock to wake the replayer at a time (ms): set by the application to the
         # scheduler's `wake`; a run calls it for the next due event while it has nothing to do.
         self.wake: Callable[[int], None] = lambda at_ms: None
@@ -96,9 +105,27 @@ class Replayer:
         finally:
             self._run = None
 
+    async def settle(self, delay_id: str, timeout: float) -> None:
+        """Wait, at most `timeout` seconds, until this replica's run is done with `delay_id`
+        (its send answered and its outcome written, or handed back): a lookup of an event being
+        sent then reads what the homeserver made of it. At once when this replica holds no
+        claim of it (another replica's claim is not waited for)."""
+        if self._run is not None:
+            await self._run.settled(delay_id, timeout)
+
     async def next_due(self) -> int | None:
         async with self.engine.connect() as conn:
             return await repo.next_due(conn)
+
+    @property
+    def holder(self) -> int | None:
+        """The key of the replica lock held now, which new claims name; None if none is held."""
+        return self.liveness.key if self.liveness is not None else None
+
+    async def free_dead_claims(self) -> int:
+        """Make the claims of replicas that are gone due now; how many."""
+        async with self.engine.begin() as conn:
+            return await repo.free_dead_claims(conn, self.clock.now_ms())
 
     def _credential(
         self, event: DelayedEvent, blobs: dict[tuple[str, str | None], bytes]
@@ -128,29 +155,36 @@ class Replayer:
         event: DelayedEvent,
         credential: Credential,
         newer_state: Awaitable[NewerState | None] | None = None,
+        keeper: _ClaimKeeper | None = None,
     ) -> Attempt:
         """One try at sending `event` to the homeserver (`newer_state`: its newer-state check, if
-        already started)."""
+        already started; `keeper`: the run's claims, re-checked just before the request)."""
         if self.checks_newer_state(event):
             if newer_state is None:
-                newer_state = self._newer_state(event, credential)
+                newer_state = self._newer_state(event, credential, keeper)
             newer = await newer_state
             if newer is not None:
                 return newer
         started = asyncio.get_running_loop().time()
-        result = await self._replay(event, credential)
+        result = await self._replay(event, credential, keeper)
         if (
             isinstance(result, Refused)
             and credential.as_device is not None
             and str(result.error.get("errcode", "")).endswith("UNKNOWN_DEVICE")
         ):
             # The device was logged out since; the event still goes out, as the user.
-            result = await self._replay(event, credential.without_device())
+            result = await self._replay(event, credential.without_device(), keeper)
         metrics.REPLAY_SECONDS.observe(asyncio.get_running_loop().time() - started)
         return result
 
-    async def _replay(self, event: DelayedEvent, credential: Credential) -> ReplayResult:
+    async def _replay(
+        self, event: DelayedEvent, credential: Credential, keeper: _ClaimKeeper | None
+    ) -> ReplayResult | Lost:
         async with self._slots:
+            # An event can wait long for a slot; whether its claim still holds is asked only
+            # now, with nothing left to wait for but the request itself.
+            if keeper is not None and not await keeper.before_send(event):
+                return Lost()
             return await self.homeserver.replay(
                 credential=credential,
                 room_id=event.room_id,
@@ -161,9 +195,13 @@ class Replayer:
                 txn_id=txn_id_for(event.delay_id),
             )
 
-    async def _newer_state(self, event: DelayedEvent, credential: Credential) -> NewerState | None:
+    async def _newer_state(
+        self, event: DelayedEvent, credential: Credential, keeper: _ClaimKeeper | None = None
+    ) -> NewerState | None:
         assert event.state_key is not None
         async with self._slots:
+            if keeper is not None:
+                await keeper.renew_if_due()
             current = await self.homeserver.state_event(
                 credential=credential,
                 room_id=event.room_id,
@@ -185,6 +223,7 @@ class Replayer:
         credential: Credential | None,
         writer: _OutcomeWriter,
         newer_state: Awaitable[NewerState | None] | None,
+        keeper: _ClaimKeeper | None = None,
     ) -> bool:
         """Send a due event and record how it went; True if its outcome was handed to `writer`
         (sent), False if already written."""
@@ -201,10 +240,13 @@ class Replayer:
                 },
             )
             return False
-        outcome = await self.attempt(event, credential, newer_state)
+        outcome = await self.attempt(event, credential, newer_state, keeper)
         if isinstance(outcome, Sent):
             writer.put(repo.SentOutcome(event, outcome.event_id, "delay", self.clock.now_ms()))
             return True
+        if isinstance(outcome, Lost):
+            logger.info("%s was taken over before its send; not sent here", log_id(event.delay_id))
+            return False
         await self.record(event, outcome, reason="delay")
         return False
 
@@ -224,6 +266,8 @@ class Replayer:
                     conn, event, status=CANCELLED, reason="error", now=now, error=json.dumps(error)
                 )
             metrics.CANCELLED.labels(event.generation, "newer_state").inc()
+        elif isinstance(outcome, Lost):
+            return
         elif isinstance(outcome, Refused):
             logger.info(
                 "homeserver refused %s: %s %s",
@@ -249,7 +293,9 @@ class Replayer:
             return
         due = min(now + self.backoff_ms(event.attempts, outcome.retry_after_ms), window_end)
         async with self.engine.begin() as conn:
-            await repo.retry_later(conn, event, due_ts=due, first_failure_ts=first)
+            await repo.retry_later(
+                conn, event, due_ts=due, first_failure_ts=first, in_doubt=outcome.in_doubt
+            )
         self.wake(due)
         metrics.RETRIED.inc()
         logger.info(
@@ -291,6 +337,7 @@ class Replayer:
             await self._finalise_failed(event, error)
             raise _credential_failed(error)
         outcome = await self.attempt(event, credential)
+        assert not isinstance(outcome, Lost)  # only a run's keeper re-checks claims
         if isinstance(outcome, Sent | NewerState):
             await self.record(event, outcome, reason="action")
             if isinstance(outcome, NewerState):
@@ -431,9 +478,15 @@ class _StateChecks:
 
     AHEAD = 4
 
-    def __init__(self, replayer: Replayer, blobs: dict[tuple[str, str | None], bytes]) -> None:
+    def __init__(
+        self,
+        replayer: Replayer,
+        blobs: dict[tuple[str, str | None], bytes],
+        keeper: _ClaimKeeper,
+    ) -> None:
         self._replayer = replayer
         self._blobs = blobs
+        self._keeper = keeper
         self._tasks: dict[str, asyncio.Task[NewerState | None]] = {}
 
     def take(
@@ -453,7 +506,8 @@ class _StateChecks:
         credential = self._replayer._credential(event, self._blobs)
         if credential is None:
             return  # finalised as failed without a send; nothing to check
-        task = asyncio.create_task(self._replayer._newer_state(event, credential))
+        keeper = self._keeper
+        task = asyncio.create_task(self._replayer._newer_state(event, credential, keeper))
         task.add_done_callback(_retrieve)
         self._tasks[event.delay_id] = task
 
@@ -476,14 +530,15 @@ class _Run:
     and nothing claimed is left.
 
     Each room has a queue, worked through by one task, in claim order (so in send-time order),
-    group by group (`next_group`); rooms go side by side. At most `_BATCH` claimed events wait
-    in the queues, so a burst is claimed as it is worked off and a replica never holds more than
-    it is about to send. The leases of everything it holds are kept alive (`_ClaimKeeper`); the
-    outcomes of sent events are written by one `_OutcomeWriter`, and the run ends only once they
-    are."""
+    group by group (`next_group`); rooms go side by side. It holds at most
+    `SIDECAR_REPLAY_MAX_CLAIMED` claimed events (queued, being sent, or sent with the outcome not
+    yet written), so a burst is claimed as it is worked off and the rest stays free for other
+    replicas. The leases of everything it holds are kept alive (`_ClaimKeeper`); the outcomes of
+    sent events are written by one `_OutcomeWriter`, and the run ends only once they are."""
 
     def __init__(self, replayer: Replayer) -> None:
         self._replayer = replayer
+        self._max_claimed = replayer.settings.replay_max_claimed
         self._queues: dict[str, deque[DelayedEvent]] = {}
         self._rooms: dict[str, asyncio.Task[None]] = {}
         self._keeper = _ClaimKeeper(replayer)
@@ -495,7 +550,9 @@ class _Run:
         self._changed = asyncio.Event()
         self._full = False
         self._writer = _OutcomeWriter(replayer, on_written=self._written)
-        self._checks = _StateChecks(replayer, self._blobs)
+        self._checks = _StateChecks(replayer, self._blobs, self._keeper)
+        # Lookups waiting for a held event to be handled (`settled`).
+        self._waiters: dict[str, asyncio.Event] = {}
 
     def poke(self) -> None:
         """Something may have fallen due: claim again as soon as there is room."""
@@ -506,10 +563,21 @@ class _Run:
         for outcome in outcomes:
             self._handled(outcome.event)
 
+    async def settled(self, delay_id: str, timeout: float) -> None:
+        """Wait until the run no longer holds `delay_id` (at most `timeout` seconds)."""
+        if not self._keeper.holds(delay_id):
+            return
+        waiter = self._waiters.setdefault(delay_id, asyncio.Event())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(waiter.wait(), timeout)
+
     def _handled(self, event: DelayedEvent) -> None:
         # Until its outcome is written an event stays under the claim's renewal: a lapsed claim
         # of a sent event must not let another replica send it again.
         self._keeper.done(event)
+        waiter = self._waiters.pop(event.delay_id, None)
+        if waiter is not None:
+            waiter.set()
         self._checks.forget(event)
         device = (event.user_id, event.device_id)
         self._uses[device] -= 1
@@ -518,16 +586,15 @@ class _Run:
             self._blobs.pop(device, None)
         if event.state_key is not None:
             self.poke()  # finalised: the next state event for its key may be claimed
-
-    def _queued(self) -> int:
-        return sum(len(queue) for queue in self._queues.values())
+        if self._full and len(self._keeper) <= self._max_claimed // 2:
+            self._changed.set()  # room for the next claim
 
     async def go(self) -> int:
         handled = 0
         try:
             while True:
                 self._changed.clear()
-                room = _BATCH - self._queued()
+                room = self._max_claimed - len(self._keeper)
                 self._full = room <= 0
                 if not self._full:
                     claimed = await self._claim(room)
@@ -546,12 +613,15 @@ class _Run:
                 await asyncio.gather(*self._rooms.values(), return_exceptions=True)
             self._checks.close()
             await self._writer.close()
+            await self._keeper.close()
 
     async def _claim(self, limit: int) -> int:
         replayer = self._replayer
         now = replayer.clock.now_ms()
         async with replayer.engine.begin() as conn:
-            events = await repo.claim_due(conn, now, replayer._lease_ms, limit)
+            # The claims of a replica that is gone are taken over at once, not at their lease's end.
+            await repo.free_dead_claims(conn, now)
+            events = await repo.claim_due(conn, now, replayer._lease_ms, limit, replayer.holder)
             devices = {(e.user_id, e.device_id) for e in events}
             blobs = await repo.load_tokens(conn, devices)
         if not events:
@@ -586,8 +656,6 @@ class _Run:
                     await self._send(group[0], queue)
                 else:
                     await asyncio.gather(*(self._send(event, queue) for event in group))
-                if self._full and self._queued() <= _BATCH // 2:
-                    self._changed.set()  # room for the next claim
         finally:
             # Nothing awaits between finding the queue empty and leaving it: an event claimed
             # for this room meanwhile starts a new task.
@@ -604,7 +672,7 @@ class _Run:
             credential = replayer._credential(event, self._blobs)
             newer_state = self._checks.take(event, upcoming)
             handed_on = await replayer._replay_on_timeout(
-                event, credential, self._writer, newer_state
+                event, credential, self._writer, newer_state, self._keeper
             )
         except Exception:
             # The claim's lease runs out and the row falls due again.
@@ -620,48 +688,102 @@ def _retrieve(task: asyncio.Task[Any]) -> None:
 
 
 class _ClaimKeeper:
-    """Keeps a run's claims alive while their events wait in their rooms' queues and are sent,
-    renewing the leases of every event not yet handled well before they run out, so no other
-    replica takes over an event of a room that is still being worked through (which could send
-    it before an earlier one of the room)."""
+    """Keeps a run's claims alive while their events wait in their rooms' queues, wait for a
+    request slot and are sent: every held claim's lease is renewed, in one statement, every
+    third of the lease (on a timer, and whenever a request starts and a renewal is due), so no
+    other replica takes over an event this run still means to send (which could send it twice,
+    or after a later one of its room). A claim is known by (delay_id, claim_id): the same event
+    claimed again after a lapse is another claim. Just before each send the event's own claim is
+    checked in the table (`before_send`)."""
 
     def __init__(self, replayer: Replayer) -> None:
         self._replayer = replayer
-        self._claims: dict[str, str] = {}  # delay_id -> the claim holding it
-        self._held: set[str] = set()
+        self._held: set[tuple[str, str]] = set()  # (delay_id, claim_id)
         self._renewed_at: int | None = None
         self._lock = asyncio.Lock()
+        self._timer: asyncio.Task[None] | None = None
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    @staticmethod
+    def _key(event: DelayedEvent) -> tuple[str, str]:
+        return event.delay_id, event.claim_id or ""
 
     def add(self, events: list[DelayedEvent], claimed_at: int) -> None:
-        for event in events:
-            self._claims[event.delay_id] = event.claim_id or ""
-            self._held.add(event.delay_id)
+        self._held.update(self._key(event) for event in events)
         if self._renewed_at is None:
             self._renewed_at = claimed_at
+        if self._timer is None:
+            self._timer = asyncio.create_task(self._renew_on_timer())
+
+    def holds(self, delay_id: str) -> bool:
+        return any(held == delay_id for held, _ in self._held)
 
     def done(self, event: DelayedEvent) -> None:
-        self._claims.pop(event.delay_id, None)
-        self._held.discard(event.delay_id)
-        if not self._claims:
+        self._held.discard(self._key(event))
+        if not self._held:
             self._renewed_at = None
 
     async def still_ours(self, event: DelayedEvent) -> bool:
-        lease = self._replayer._lease_ms
-        if self._due_for_renewal(lease):
-            async with self._lock:
-                if self._due_for_renewal(lease):
-                    now = self._replayer.clock.now_ms()
-                    asked = sorted(self._claims.items())
-                    async with self._replayer.engine.begin() as conn:
-                        renewed = await repo.renew_claims(conn, asked, now + lease)
-                    # Events claimed while the renewal was on its way are held all the same.
-                    self._held = (self._held - {delay_id for delay_id, _ in asked}) | renewed
-                    self._renewed_at = now
-        return event.delay_id in self._held
+        """Whether the run still holds `event`'s claim (renewing every held claim if due)."""
+        await self.renew_if_due()
+        return self._key(event) in self._held
 
-    def _due_for_renewal(self, lease: int) -> bool:
+    async def before_send(self, event: DelayedEvent) -> bool:
+        """Just before the request for `event`: whether its claim still holds the row, asked of
+        the table (another replica may have taken it over, or this replica's lock may be gone),
+        its lease renewed if so."""
+        if not await self.still_ours(event):
+            return False
+        replayer = self._replayer
+        due_ts = replayer.clock.now_ms() + replayer._lease_ms
+        async with replayer.engine.begin() as conn:
+            held = await repo.recheck_claim(conn, event, due_ts)
+        if not held:
+            self._held.discard(self._key(event))
+        return held
+
+    async def renew_if_due(self) -> None:
+        if self._due_for_renewal():
+            async with self._lock:
+                if self._due_for_renewal():
+                    await self._renew()
+
+    async def _renew(self) -> None:
+        replayer = self._replayer
+        now = replayer.clock.now_ms()
+        asked = sorted(self._held)
+        async with replayer.engine.begin() as conn:
+            kept = await repo.renew_claims(conn, asked, now + replayer._lease_ms)
+        # Claims added while the renewal was on its way are held all the same; claims let go of
+        # meanwhile stay gone.
+        self._held -= set(asked) - kept
+        self._renewed_at = now
+
+    async def _renew_on_timer(self) -> None:
+        period = self._replayer._lease_ms / 3 / 1000
+        while True:
+            await asyncio.sleep(period)
+            if not self._held:
+                continue
+            try:
+                async with self._lock:
+                    await self._renew()
+            except Exception:
+                logger.exception("renewing the leases of %d claimed events failed", len(self))
+
+    def _due_for_renewal(self) -> bool:
         since = self._renewed_at
+        lease = self._replayer._lease_ms
         return since is not None and self._replayer.clock.now_ms() - since >= lease // 3
+
+    async def close(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await timer
 
 
 def _refuses_credential(refused: Refused) -> bool:

@@ -53,8 +53,31 @@ def _event(row: Any) -> DelayedEvent:
     return DelayedEvent(*row)
 
 
-def new_claim_id() -> str:
-    return secrets.token_hex(8)
+def new_claim_id(holder: int | None = None) -> str:
+    """A fresh claim id; one made by a replica holding its lock (`app.liveness`) starts with the
+    lock's key and a dot, so that the claim dies with the replica."""
+    claim = secrets.token_hex(8)
+    return f"{holder}.{claim}" if holder is not None else claim
+
+
+def in_doubt_claim_id() -> str:
+    """The claim id held by an event whose last send timed out: no replica holds it, but the
+    homeserver may have taken the event, so it counts as being sent until a retry settles it."""
+    return "doubt-" + secrets.token_hex(8)
+
+
+# The keys of the replica locks held now, in this database (`app.liveness`), as text.
+_LIVE_HOLDERS = """
+    SELECT l.objid::text FROM pg_locks AS l
+    WHERE l.locktype = 'advisory' AND l.classid = 4140 AND l.objsubid = 2 AND l.granted
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+"""
+
+
+def _holder_alive(column: str = "claim_id") -> str:
+    """SQL: the claim in `column` names no replica lock (an older replica's, or an in-doubt one:
+    its lease alone counts), or names one that is held."""
+    return f"(strpos({column}, '.') = 0 OR split_part({column}, '.', 1) IN ({_LIVE_HOLDERS}))"
 
 
 def _not_in_flight(now: int) -> Any:
@@ -177,13 +200,18 @@ async def cancel(conn: AsyncConnection, delay_id: str, user_id: str | None, now:
 
 
 async def claim_one(
-    conn: AsyncConnection, delay_id: str, user_id: str | None, now: int, lease_ms: int
+    conn: AsyncConnection,
+    delay_id: str,
+    user_id: str | None,
+    now: int,
+    lease_ms: int,
+    holder: int | None = None,
 ) -> DelayedEvent | None:
     """Claim one scheduled event for an immediate replay (the send action)."""
     result = await conn.execute(
         update(delayed_event)
         .where(_owned(delay_id, user_id), T.status == SCHEDULED, _not_in_flight(now))
-        .values(claim_id=new_claim_id(), due_ts=now + lease_ms)
+        .values(claim_id=new_claim_id(holder), due_ts=now + lease_ms)
         .returning(*_COLUMNS)
     )
     row = result.one_or_none()
@@ -212,27 +240,30 @@ def _not_waiting() -> Any:
 
 
 async def claim_due(
-    conn: AsyncConnection, now: int, lease_ms: int, limit: int
+    conn: AsyncConnection, now: int, lease_ms: int, limit: int, holder: int | None = None
 ) -> list[DelayedEvent]:
     """Claim up to `limit` due events, earliest send time first, and for each state key only
     the earliest (the next one becomes claimable when it is finalised).
 
     Rows locked by another replica's claim are skipped, not waited for; a claim's lease moves
-    `due_ts` forward, so a replica that dies mid-replay leaves rows that fall due again.
+    `due_ts` forward, so a replica that dies mid-replay leaves rows that fall due again (at once,
+    with `free_dead_claims`, when the claim names the dead replica's lock). With a `holder`, the
+    claims name it, and nothing is claimed unless that lock is still held.
     """
+    conditions: list[Any] = [T.status == SCHEDULED, T.due_ts <= now, _not_waiting()]
+    if holder is not None:
+        conditions.append(
+            text(f"CAST(:holder AS text) IN ({_LIVE_HOLDERS})").bindparams(holder=str(holder))
+        )
     due = (
         select(T.delay_id)
-        .where(
-            T.status == SCHEDULED,
-            T.due_ts <= now,
-            _not_waiting(),
-        )
+        .where(*conditions)
         .order_by(T.send_ts, T.delay_id)
         .limit(limit)
         .with_for_update(skip_locked=True)
         .cte("due")
     )
-    claim_id = new_claim_id()
+    claim_id = new_claim_id(holder)
     result = await conn.execute(
         update(delayed_event)
         .where(T.delay_id == due.c.delay_id)
@@ -350,17 +381,23 @@ async def finalise_sent_many(conn: AsyncConnection, outcomes: list[SentOutcome])
 
 
 _RENEW_CLAIMS = text(
-    """
+    f"""
     UPDATE delayed_event AS e SET due_ts = :due_ts
     FROM unnest(CAST(:delay_ids AS text[]), CAST(:claim_ids AS text[])) AS c (delay_id, claim_id)
     WHERE e.delay_id = c.delay_id AND e.claim_id = c.claim_id AND e.status = :scheduled
-    RETURNING e.delay_id
+      AND {_holder_alive("e.claim_id")}
+    RETURNING e.delay_id, e.claim_id
     """
 )
 
 
-async def renew_claims(conn: AsyncConnection, held: list[tuple[str, str]], due_ts: int) -> set[str]:
-    """Extend the leases of these (delay_id, claim_id); the delay_ids each claim still holds."""
+async def renew_claims(
+    conn: AsyncConnection, held: list[tuple[str, str]], due_ts: int
+) -> set[tuple[str, str]]:
+    """Extend the leases of these (delay_id, claim_id); the (delay_id, claim_id)s still held: the
+    row still carries the claim, and the replica lock the claim names (if any) is still held."""
+    if not held:
+        return set()
     result = await conn.execute(
         _RENEW_CLAIMS,
         {
@@ -370,18 +407,51 @@ async def renew_claims(conn: AsyncConnection, held: list[tuple[str, str]], due_t
             "claim_ids": [claim_id for _, claim_id in held],
         },
     )
-    return set(result.scalars())
+    return {(row.delay_id, row.claim_id) for row in result}
+
+
+_FREE_DEAD_CLAIMS = text(
+    f"""
+    UPDATE delayed_event AS e SET due_ts = :now
+    WHERE e.status = :scheduled AND e.claim_id IS NOT NULL AND e.due_ts > :now
+      AND NOT {_holder_alive("e.claim_id")}
+    RETURNING e.delay_id
+    """
+)
+
+
+async def free_dead_claims(conn: AsyncConnection, now: int) -> int:
+    """Make the rows claimed by replicas that are gone (their lock is not held) due now, instead
+    of when their lease runs out; how many. The rows keep their claim, so they still count as
+    being sent until a new claim replays them. Reads only the claimed rows (their own index)."""
+    result = await conn.execute(_FREE_DEAD_CLAIMS, {"now": now, "scheduled": SCHEDULED})
+    return len(result.all())
+
+
+async def recheck_claim(conn: AsyncConnection, event: DelayedEvent, due_ts: int) -> bool:
+    """Just before a request for `event`: whether its claim still holds the row (and its replica
+    lock is held), extending its lease to `due_ts` if so."""
+    assert event.claim_id is not None
+    return bool(await renew_claims(conn, [(event.delay_id, event.claim_id)], due_ts))
 
 
 async def retry_later(
-    conn: AsyncConnection, event: DelayedEvent, *, due_ts: int, first_failure_ts: int
+    conn: AsyncConnection,
+    event: DelayedEvent,
+    *,
+    due_ts: int,
+    first_failure_ts: int,
+    in_doubt: bool = False,
 ) -> bool:
-    """Release a claim after a transient failure, to be tried again at `due_ts`."""
+    """Release a claim after a transient failure, to be tried again at `due_ts`. `in_doubt`: the
+    homeserver may have taken the event (the request timed out): the row keeps a claim that no
+    replica holds (`in_doubt_claim_id`), so that until the retry settles it the event counts as
+    being sent."""
     result = await conn.execute(
         update(delayed_event)
         .where(T.delay_id == event.delay_id, T.claim_id == event.claim_id, T.status == SCHEDULED)
         .values(
-            claim_id=None,
+            claim_id=in_doubt_claim_id() if in_doubt else None,
             due_ts=due_ts,
             attempts=T.attempts + 1,
             first_failure_ts=first_failure_ts,
@@ -460,8 +530,9 @@ async def list_scheduled(
     max_bytes: int,
 ) -> Page:
     """A user's scheduled events by send time, after the keyset position `after`: at most
-    `limit`, and no more once their content reaches `max_bytes`."""
-    where = [T.user_id == user_id, T.status == SCHEDULED]
+    `limit`, and no more once their content reaches `max_bytes`. An event a claim holds is being
+    sent (the homeserver may have it already): it is not listed."""
+    where = [T.user_id == user_id, T.status == SCHEDULED, T.claim_id.is_(None)]
     if delay_ids:
         where.append(T.delay_id.in_(delay_ids))
     if after is not None:

@@ -18,8 +18,11 @@ _COLUMNS = [getattr(T, name) for name in DelayedEvent.__slots__]
 
 # What each MSC4486 status is in stored terms. A row cancelled with reason "error" (newer state)
 # counts as failed, like one the homeserver refused; "cancelled" is the cancel action only.
+# An event a claim holds is being sent (the homeserver may have it already): it is not listed
+# as scheduled, nor at all until its outcome is written.
+_UNCLAIMED = or_(T.status != SCHEDULED, T.claim_id.is_(None))
 _STATUS: dict[str, Any] = {
-    "scheduled": T.status == SCHEDULED,
+    "scheduled": and_(T.status == SCHEDULED, T.claim_id.is_(None)),
     "sent": T.status == SENT,
     "cancelled": and_(T.status == CANCELLED, T.reason.is_distinct_from("error")),
     "failed": or_(T.status == FAILED, and_(T.status == CANCELLED, T.reason == "error")),
@@ -68,8 +71,7 @@ def _conditions(
     where: HistoryFilter, after: tuple[int, str] | None
 ) -> tuple[list[Any], tuple[Any, ...]]:
     conditions: list[Any] = [T.user_id == where.user_id]
-    if where.status is not None:
-        conditions.append(_STATUS[where.status])
+    conditions.append(_STATUS[where.status] if where.status is not None else _UNCLAIMED)
     if where.room_id is not None:
         conditions.append(T.room_id == where.room_id)
     if where.event_type is not None:

@@ -1,5 +1,6 @@
-"""APScheduler as the alarm clock: one wake-up job at the earliest due time, a periodic sweep and
-the pruning of finalised history. The table is the store; no job exists per event."""
+"""APScheduler as the alarm clock: one wake-up job at the earliest due time, a periodic sweep, a
+frequent cheap check for the claims of replicas that are gone, and the pruning of finalised
+history. The table is the store; no job exists per event."""
 
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ class WakeUpScheduler:
         clock: Clock,
         sweep_seconds: float,
         prune_seconds: float,
+        free_dead_claims: Callable[[], Awaitable[int]] | None = None,
+        check_seconds: float = 1.0,
     ) -> None:
         self._run_due = run_due
         self._next_due = next_due
@@ -41,6 +44,8 @@ class WakeUpScheduler:
         self._clock = clock
         self._sweep_seconds = sweep_seconds
         self._prune_seconds = prune_seconds
+        self._free_dead_claims = free_dead_claims
+        self._check_seconds = check_seconds
         self._scheduler = AsyncIOScheduler(timezone=UTC)
         self.wake_at: int | None = None
 
@@ -66,6 +71,14 @@ class WakeUpScheduler:
             coalesce=True,
             next_run_time=datetime.now(UTC),
         )
+        if self._free_dead_claims is not None:
+            self._scheduler.add_job(
+                self._check_job,
+                IntervalTrigger(seconds=self._check_seconds),
+                id="dead-claims",
+                max_instances=1,
+                coalesce=True,
+            )
         self.wake_at = None
         self.wake(self._clock.now_ms())
 
@@ -103,6 +116,18 @@ class WakeUpScheduler:
             return
         if next_due is not None:
             self.wake(next_due)
+
+    async def _check_job(self) -> None:
+        """Free the claims of replicas that are gone, and replay them now if there were any."""
+        assert self._free_dead_claims is not None
+        try:
+            freed = await self._free_dead_claims()
+        except Exception:
+            logger.exception("checking for the claims of replicas that are gone failed")
+            return
+        if freed:
+            logger.info("took over %d events claimed by a replica that is gone", freed)
+            self.wake(self._clock.now_ms())
 
     async def _prune_job(self) -> None:
         try:

@@ -221,7 +221,8 @@ class DelayedEventService:
                 done = await repo.cancel(conn, delay_id, owner, now)
             else:
                 lease = int(self.settings.claim_lease_seconds * 1000)
-                claimed = await repo.claim_one(conn, delay_id, owner, now, lease)
+                holder = self.replayer.holder
+                claimed = await repo.claim_one(conn, delay_id, owner, now, lease, holder)
                 done = claimed is not None
             if requester is not None:
                 await self.refresh_token(conn, requester)
@@ -280,12 +281,18 @@ class DelayedEventService:
     # Lookup ------------------------------------------------------------------------------------
 
     async def get(self, requester: Requester, delay_id: str) -> RenderedJSON:
-        """One of the requester's events, scheduled or finalised."""
+        """One of the requester's events, scheduled or finalised. An event this replica is
+        sending is shown once the send is over (bounded by the homeserver's timeout): an event
+        the homeserver has accepted is never shown as still scheduled."""
         async with self.engine.begin() as conn:
             await self.refresh_token(conn, requester)
             event = await repo.get(conn, delay_id)
         if event is None or event.user_id != requester.user_id:
             raise NotFound("Delayed event not found")
+        if event.status == SCHEDULED and event.claim_id is not None:
+            await self.replayer.settle(delay_id, self.settings.homeserver_timeout_seconds)
+            async with self.engine.connect() as conn:
+                event = await repo.get(conn, delay_id) or event
         return RenderedJSON(render(event))
 
     async def list(

@@ -103,10 +103,17 @@ class Settings(DatabaseSettings):
     whoami_cache_seconds: float = Field(default=60.0, ge=0)
     homeserver_timeout_seconds: float = Field(default=10.0, gt=0)
     sweep_interval_seconds: float = Field(default=15.0, gt=0)
-    claim_lease_seconds: float = Field(default=60.0, gt=0)
+    # A claim's lease is renewed every third of it while its replica lives; it runs out only for
+    # a replica that stalls or holds no lock (`app.liveness`): a dead replica's claims are free
+    # once a peer's check (every `liveness_check_seconds`) sees its lock gone.
+    claim_lease_seconds: float = Field(default=30.0, gt=0)
+    liveness_check_seconds: float = Field(default=1.0, gt=0)
     retry_window_seconds: float = Field(default=3600.0, gt=0)
     retry_max_backoff_seconds: float = Field(default=60.0, gt=0)
     replay_concurrency: int = Field(default=16, ge=1, le=256)
+    # How many claimed events one replica holds at most (queued, being sent, or sent with the
+    # outcome not yet written); the rest stay free for other replicas.
+    replay_max_claimed: int = Field(default=200, ge=1)
 
     finalised_retention_days: float = Field(default=7.0, gt=0)
     finalised_max_per_user: int = Field(default=1000, ge=0)

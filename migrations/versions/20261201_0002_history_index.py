@@ -16,12 +16,22 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    op.create_index(
-        "ix_delayed_event_user_send",
-        "delayed_event",
-        ["user_id", "send_ts", "delay_id"],
-    )
+    # Built without blocking writes: replicas of the previous version keep running meanwhile.
+    with op.get_context().autocommit_block():
+        op.create_index(
+            "ix_delayed_event_user_send",
+            "delayed_event",
+            ["user_id", "send_ts", "delay_id"],
+            postgresql_concurrently=True,
+            if_not_exists=True,
+        )
 
 
 def downgrade() -> None:
-    op.drop_index("ix_delayed_event_user_send", table_name="delayed_event")
+    with op.get_context().autocommit_block():
+        op.drop_index(
+            "ix_delayed_event_user_send",
+            table_name="delayed_event",
+            postgresql_concurrently=True,
+            if_exists=True,
+        )

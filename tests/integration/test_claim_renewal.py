@@ -1,20 +1,27 @@
 """A replica working through a long batch keeps its claim: the lease is renewed as it goes, so no
-other replica takes over events of a room it is still sending."""
+other replica takes over events of a room it is still sending, nor one waiting for a request
+slot; and it holds no more claimed events than its bound."""
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import unquote
 
 import httpx
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import text
 
 from app import repository as repo
+from app.crypto import new_key
 from app.main import create_app
 from app.replayer import _ClaimKeeper
 from tests.conftest import make_settings
-from tests.integration.common import schedule_message
+from tests.integration.common import ALICE, enc, schedule_message, state_path
+from tests.support.apps import app_and_client
 from tests.support.fakes import FakeClock, FakeHomeserver
 
 LEASE_MS = 60_000
@@ -82,7 +89,9 @@ async def test_events_claimed_while_a_renewal_is_on_its_way_stay_held(
     assert len(later) == 1
     renew = repo.renew_claims
 
-    async def claim_meanwhile(conn: Any, held: list[tuple[str, str]], due_ts: int) -> set[str]:
+    async def claim_meanwhile(
+        conn: Any, held: list[tuple[str, str]], due_ts: int
+    ) -> set[tuple[str, str]]:
         keeper.add(later, clock.now_ms())  # another claim of the run lands during the renewal
         return await renew(conn, held, due_ts)
 
@@ -90,3 +99,148 @@ async def test_events_claimed_while_a_renewal_is_on_its_way_stay_held(
     assert await keeper.still_ours(first[0])
     assert await keeper.still_ours(later[0])
     assert await keeper.still_ours(first[1])
+
+
+def _last_segment(request: httpx.Request) -> str:
+    return request.url.raw_path.decode().partition("?")[0].rsplit("/", 1)[-1]
+
+
+async def test_events_waiting_for_a_request_slot_keep_their_claims(
+    database_url: str, clean_db: None, clock: FakeClock, homeserver: FakeHomeserver
+) -> None:
+    """One request at a time, each taking 2 s of a 3 s lease: five call-membership leaves in five
+    rooms, all due at once, wait their turn for the one slot. Another replica looks for due
+    events after every request of the first; it finds none, and each leave is sent once."""
+    other: list[FastAPI] = []
+    other_found: list[int | None] = []
+
+    async def first(request: httpx.Request) -> httpx.Response:
+        if "/rooms/" not in request.url.path:
+            return homeserver.handle(request)
+        clock.advance(2000)
+        answer = homeserver.handle(request)
+        other_found.append(await other[0].state.container.service.replayer.run_due())
+        return answer
+
+    async def second(request: httpx.Request) -> httpx.Response:
+        if "/rooms/" in request.url.path:
+            clock.advance(2000)
+        return homeserver.handle(request)
+
+    settings: dict[str, Any] = {
+        "replay_concurrency": 1,
+        "claim_lease_seconds": 3,
+        "token_keys": new_key(),  # the replicas share the key of the tokens at rest
+    }
+    async with (
+        app_and_client(database_url, clock, httpx.MockTransport(first), **settings) as (a, c),
+        app_and_client(database_url, clock, httpx.MockTransport(second), **settings) as (b, _),
+    ):
+        other.append(b)
+        for n in range(5):
+            r = await c.put(
+                state_path(enc(f"@alice:test_DEV{n}"), room=enc(f"!r{n}:test"))
+                + "?org.matrix.msc4140.delay=1000",
+                json={},
+                headers=ALICE,
+            )
+            assert r.status_code == 200, r.text
+        clock.advance(1000)
+        assert await a.state.container.service.replayer.run_due() == 5
+    puts = Counter(unquote(_last_segment(r)) for r in homeserver.replays())
+    assert puts == {f"@alice:test_DEV{n}": 1 for n in range(5)}, puts
+    assert set(other_found) == {0}, other_found
+
+
+async def test_a_replica_holds_no_more_claimed_events_than_its_bound(
+    database_url: str,
+    clean_db: None,
+    clock: FakeClock,
+    homeserver: FakeHomeserver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """1,000 events due at once in 1,000 rooms, their outcome writes held back until as many
+    events have been sent as the bound allows: at no time does the replica hold more claims
+    than the bound (the rest stays free for other replicas); then all are sent, once."""
+    bound = 100
+    writes_open = asyncio.Event()
+    held_at_sends: list[int] = []
+    holder: list[FastAPI] = []
+
+    async def claimed_now() -> int:
+        async with holder[0].state.container.engine.connect() as conn:
+            found = await conn.execute(
+                text(
+                    "SELECT count(*) FROM delayed_event "
+                    "WHERE status = 'scheduled' AND claim_id IS NOT NULL"
+                )
+            )
+            return int(found.scalar_one())
+
+    async def gated(request: httpx.Request) -> httpx.Response:
+        if request.method == "PUT":
+            held_at_sends.append(await claimed_now())
+            if len(held_at_sends) >= bound:
+                writes_open.set()
+        return homeserver.handle(request)
+
+    write = repo.finalise_sent_many
+
+    async def held_back(conn: Any, outcomes: list[repo.SentOutcome]) -> set[str]:
+        await writes_open.wait()
+        return await write(conn, outcomes)
+
+    monkeypatch.setattr(repo, "finalise_sent_many", held_back)
+    async with app_and_client(
+        database_url, clock, httpx.MockTransport(gated), replay_max_claimed=bound
+    ) as (app, c):
+        holder.append(app)
+        await schedule_message(c, 1000, txn="t0")
+        async with app.state.container.engine.begin() as conn:
+            await conn.execute(
+                text(
+                    """
+                    INSERT INTO delayed_event (delay_id, user_id, device_id, generation, room_id,
+                        event_type, content, query, delay_ms, created_ts, send_ts, due_ts,
+                        attempts, status)
+                    SELECT e.delay_id || '-' || g, e.user_id, e.device_id, e.generation,
+                        '!room' || g || chr(58) || 'test', e.event_type, e.content, e.query,
+                        e.delay_ms, e.created_ts, e.send_ts, e.due_ts, 0, e.status
+                    FROM delayed_event AS e, generate_series(1, 999) AS g
+                    """
+                )
+            )
+        clock.advance(1000)
+        assert await app.state.container.service.replayer.run_due() == 1000
+    assert max(held_at_sends) <= bound, max(held_at_sends)
+    paths = Counter(r.url.raw_path for r in homeserver.replays())
+    assert len(paths) == 1000
+    assert set(paths.values()) == {1}
+
+
+async def test_a_claim_taken_again_stays_renewed_when_the_first_is_let_go(
+    app: FastAPI, client: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    """The same event claimed twice by one run (its first claim lapsed meanwhile) is two claims:
+    letting go of the first does not let go of the second, which is renewed as before."""
+    await schedule_message(client, 1000)
+    replayer = app.state.container.service.replayer
+    engine = app.state.container.engine
+    lease = replayer._lease_ms
+    clock.advance(1000)
+    async with engine.begin() as conn:
+        (first,) = await repo.claim_due(conn, clock.now_ms(), lease, 10)
+    keeper = _ClaimKeeper(replayer)
+    keeper.add([first], clock.now_ms())
+    clock.advance(lease + 1)  # the first claim lapses; the run claims the event again
+    async with engine.begin() as conn:
+        (again,) = await repo.claim_due(conn, clock.now_ms(), lease, 10)
+    assert (again.delay_id, again.claim_id != first.claim_id) == (first.delay_id, True)
+    keeper.add([again], clock.now_ms())
+    keeper.done(first)  # the first copy is handled (its send found the claim gone)
+    clock.advance(lease // 3)
+    assert await keeper.still_ours(again)
+    async with engine.connect() as conn:
+        due_ts = (await conn.execute(text("SELECT due_ts FROM delayed_event"))).scalar_one()
+    assert due_ts == clock.now_ms() + lease
+    await keeper.close()

@@ -165,6 +165,10 @@ async def test_replay_content_and_type_unchanged(
 # Failures -------------------------------------------------------------------------------------
 
 
+def failure_status(failure: httpx.Response | Exception) -> int | None:
+    return failure.status_code if isinstance(failure, httpx.Response) else None
+
+
 @pytest.mark.parametrize(
     "failure",
     [
@@ -195,7 +199,12 @@ async def test_transient_failures_are_retried(
     first_retry = row["due_ts"] - clock.now_ms()
     assert first_retry > 0
     listed = await client.get(f"{UNSTABLE}/delayed_events", headers=ALICE)
-    assert [e["delay_id"] for e in listed.json()["delayed_events"]] == [delay_id]
+    # An answer that may have come after the homeserver took the event leaves it in doubt: being
+    # sent, not listed as scheduled, until the retry settles it.
+    in_doubt = isinstance(failure, httpx.ReadTimeout) or failure_status(failure) in (200, 504)
+    assert [e["delay_id"] for e in listed.json()["delayed_events"]] == (
+        [] if in_doubt else [delay_id]
+    )
     # Not retried before its time.
     clock.advance(first_retry - 1)
     assert await run_due(app) == 0
