@@ -110,7 +110,11 @@ ReplayResult = Sent | Transient | Refused
 
 
 def encode_segment(value: str) -> str:
-    """Percent-encode one path segment; everything but unreserved characters is escaped."""
+    """Percent-encode one path segment; everything but unreserved characters is escaped, and so
+    are the dots of a segment that is all dots: httpx (like any URL parser) resolves a `.` or `..`
+    segment, so a state key "." would be sent as the empty key and ".." to another endpoint."""
+    if value in (".", ".."):
+        return "%2E" * len(value)
     return quote(value, safe="")
 
 
