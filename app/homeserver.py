@@ -117,7 +117,11 @@ ReplayResult = Sent | Transient | Refused
 
 
 def encode_segment(value: str) -> str:
-    """Percent-encode one path segment; everything but unreserved characters is escaped."""
+    """Percent-encode one path segment; everything but unreserved characters is escaped, and so
+    are the dots of a segment that is all dots: httpx (like any URL parser) resolves a `.` or `..`
+    segment, so a state key "." would be sent as the empty key and ".." to another endpoint."""
+    if value in (".", ".."):
+        return "%2E" * len(value)
     return quote(value, safe="")
 
 
@@ -271,8 +275,14 @@ class Homeserver:
         self, method: str, target: str, headers: list[tuple[str, str]], body: bytes
     ) -> httpx.Response:
         """Pass a client's request through unchanged (`target` is the raw path and query)."""
-        # Whitespace around a value is not part of it, and httpx refuses to send it.
-        kept = [(k, v.strip(" \t")) for k, v in headers if k.lower() not in _DROP_HEADERS]
+        # Whitespace around a value is not part of it, and httpx refuses to send it. Values are
+        # sent as the bytes they arrived as (the ASGI server decoded them as Latin-1): as text,
+        # httpx would refuse anything but ASCII, such as a device name in a User-Agent.
+        kept = [
+            (k.encode("latin-1"), v.strip(" \t").encode("latin-1"))
+            for k, v in headers
+            if k.lower() not in _DROP_HEADERS
+        ]
         try:
             return await self.client.request(
                 method, self.base_url + target, headers=kept, content=body
