@@ -55,16 +55,18 @@ def cmdline(pid: int) -> str:
 
 
 def is_alive(pid: int, marker: str = "") -> bool:
-    """Whether `pid` runs and its command line contains `marker` (guards against reused pids)."""
+    """Whether `pid` runs. For a child of this process its exit status decides (an unreaped
+    child's pid cannot be reused); for any other process, that its command line contains `marker`
+    (guards against reused pids)."""
     try:
-        # Reap it if it is our own child that has exited, so it does not linger as a zombie.
+        # Reaps it if it is our own child that has exited, so it does not linger as a zombie.
         done, _ = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            return False
     except ChildProcessError:
-        pass
-    line = cmdline(pid)
-    return bool(line) and marker in line
+        line = cmdline(pid)
+        return bool(line) and marker in line
+    # The command line is no guide here: it changes when a launcher execs the server, and reads
+    # empty while it does.
+    return done != pid
 
 
 def _signal(pid: int, sig: signal.Signals) -> None:

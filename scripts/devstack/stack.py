@@ -90,6 +90,8 @@ class Stack:
     # A homeserver of the user's own (plain HTTP, e.g. http://127.0.0.1:8008) instead of a
     # local Synapse.
     external_homeserver: str | None = None
+    # The processes this `up` started, by name: their exit status says whether they still run.
+    children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, repr=False)
 
     @property
     def client_url(self) -> str:
@@ -215,8 +217,12 @@ class Stack:
             # PostgreSQL runs as its own account and must be able to reach its data folder.
             self.dir.chmod(0o755)
 
-    def _record(self, name: str, pid: int, marker: str) -> None:
+    def _record(
+        self, name: str, pid: int, marker: str, child: subprocess.Popen[bytes] | None = None
+    ) -> None:
         self.processes[name] = Process(pid=pid, marker=marker)
+        if child is not None:
+            self.children[name] = child
         self.save()
 
     def _start_postgres(self, log: TextIO) -> None:
@@ -255,7 +261,7 @@ class Stack:
         config = synapse.configure(self.dir / "synapse", self.ports.homeserver, extra)
         self.registration_shared_secret = config.registration_shared_secret
         process = synapse.start(config)
-        self._record("synapse", process.pid, synapse.MARKER)
+        self._record("synapse", process.pid, synapse.MARKER, process)
         self._wait("synapse", f"{self.homeserver_url}/health", 180.0, config.root / "synapse.out")
 
     def _start_sidecar(self, log: TextIO) -> None:
@@ -269,7 +275,7 @@ class Stack:
         process = procs.spawn(
             [str(SIDECAR_PYTHON), "-m", "app", "serve"], self.sidecar_log, env=env, cwd=REPO
         )
-        self._record("sidecar", process.pid, SIDECAR_MARKER)
+        self._record("sidecar", process.pid, SIDECAR_MARKER, process)
         self._wait("sidecar", f"{self.sidecar_url}/ready", 60.0, self.sidecar_log)
 
     def _sidecar_env(self) -> dict[str, str]:
@@ -309,19 +315,32 @@ class Stack:
             homeserver = self.external_homeserver.removeprefix("http://")
         config = nginx.render(self.dir / "nginx", self.ports.client, homeserver, self.ports.sidecar)
         process = nginx.start(config)
-        self._record("nginx", process.pid, nginx.MARKER)
+        self._record("nginx", process.pid, nginx.MARKER, process)
         self._wait("nginx", f"{self.client_url}/_matrix/client/versions", 30.0, config.error_log)
 
     def _wait(self, name: str, url: str, timeout: float, log_path: Path) -> None:
         process = self.processes[name]
+        child = self.children.get(name)
+
+        def exited() -> str | None:
+            """How it ended, if it has. A process started here has exited only once it has an
+            exit status; what /proc shows of it (its command line) can be empty or another
+            program's for a while although it runs, e.g. while a launcher execs the server."""
+            if child is not None:
+                code = child.poll()
+                return None if code is None else f"exit status {code}"
+            return None if process.alive() else "no longer running"
 
         def answered() -> bool:
-            if not process.alive():
+            if procs.http_ok(url):
+                return True
+            how = exited()
+            if how is not None:
                 raise StackError(
-                    f"{name} exited during start-up; last lines of {log_path}:\n"
+                    f"{name} exited during start-up ({how}); last lines of {log_path}:\n"
                     f"{procs.tail(log_path)}"
                 )
-            return procs.http_ok(url)
+            return False
 
         if not procs.wait_until(answered, timeout, interval=0.25):
             raise StackError(
@@ -346,6 +365,7 @@ class Stack:
                 outcome = procs.stop(process.pid, process.marker)
             print(f"{name} (pid {process.pid}): {outcome}", file=log)
         self.processes.clear()
+        self.children.clear()
         (self.dir / STATE_FILE).unlink(missing_ok=True)
 
 

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from devstack import procs
 from devstack.matrix import Account
 from devstack.procs import StackError, http_ok
 from devstack.stack import AlreadyRunning, Ports, Stack
@@ -97,3 +98,34 @@ def test_up_with_a_given_homeserver_starts_no_synapse_and_uses_it(
 def test_a_homeserver_url_must_be_plain_http_host_and_port(url: str, tmp_path: Path) -> None:
     with pytest.raises(StackError, match="--homeserver-url must look like"):
         Stack.up(tmp_path / "refused", Ports.free(), homeserver_url=url)
+
+
+def test_start_up_goes_by_the_exit_status_not_the_command_line(tmp_path: Path) -> None:
+    """A server whose command line changes while it starts (a launcher that execs it, as a
+    wrapper or shim does) is running: start-up waits for it to answer, and `down` stops it."""
+    stack = Stack(dir=tmp_path, ports=Ports.free())
+    port = procs.free_port()
+    launcher = 'exec "$0" -m http.server --bind 127.0.0.1 "$1"'
+    log = tmp_path / "server.log"
+    child = procs.spawn(["/bin/sh", "-c", launcher, sys.executable, str(port)], log)
+    try:
+        stack._record("synapse", child.pid, f"{launcher} {sys.executable}", child)
+        stack._wait("synapse", f"http://127.0.0.1:{port}/", 60.0, log)
+        assert http_ok(f"http://127.0.0.1:{port}/")
+        with open(tmp_path / "down.log", "w") as out:
+            stack.down(out)
+        assert child.poll() is not None, "down left it running"
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def test_start_up_reports_a_server_that_exits(tmp_path: Path) -> None:
+    stack = Stack(dir=tmp_path, ports=Ports.free())
+    log = tmp_path / "server.log"
+    child = procs.spawn(["/bin/sh", "-c", "echo cannot start; exit 3"], log)
+    stack._record("synapse", child.pid, "cannot start", child)
+    with pytest.raises(StackError, match=r"synapse exited during start-up \(exit status 3\)"):
+        stack._wait("synapse", f"http://127.0.0.1:{procs.free_port()}/", 60.0, log)
+    assert "cannot start" in log.read_text()

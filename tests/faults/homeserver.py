@@ -12,7 +12,12 @@ Faults, switched at any moment from the test:
 - `hang(seconds)`: hold each request that long, then take it (the client has long given up);
 - `rate_limit(retry_after_ms)`: answer 429 `M_LIMIT_EXCEEDED` with `retry_after_ms`;
 - `forbid(room_id)`: refuse events in that room with 403 `M_FORBIDDEN`;
-- `latency`: take each event, then wait that long before answering.
+- `latency`: take each event, then wait that long before answering;
+- `hold(origin)`: take the next event a process sends, then hold its answer until the gate is
+  opened: a replay forced to be in flight (taken, not yet answered) at a moment the test chooses.
+
+Each event notes the fault in force when its request began (`under_fault`), so a test can tell
+an event the homeserver took during an outage from one whose request came before it.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class Event:
     content: dict[str, Any]
     origin_server_ts: int
     arrived: float  # time.time() when the event was created
+    under_fault: str | None = None  # the fault in force when its request began, if any
 
     @property
     def seq(self) -> Any:
@@ -63,6 +69,55 @@ class _Fault:
     status: int | None = None
     hang_seconds: float = 0.0
     retry_after_ms: int | None = None
+    refusing: bool = False
+
+    @property
+    def name(self) -> str | None:
+        if self.refusing:
+            return "refused"
+        if self.hang_seconds:
+            return "hang"
+        return None if self.status is None else str(self.status)
+
+
+# However long a test waits, a held request is answered in the end, so no thread lingers.
+GATE_LIMIT = 600.0
+
+
+class Gate:
+    """Holds the answer to the next event PUT of one process (any, without an origin) once the
+    homeserver has taken the event, until `open()`."""
+
+    def __init__(self, origin: str | None) -> None:
+        self.origin = origin
+        self.seq: Any = None  # the `seq` of the held event
+        self._held = threading.Event()
+        self._open = threading.Event()
+        self._lock = threading.Lock()
+
+    def _claim(self, origin: str, seq: Any) -> bool:
+        with self._lock:
+            if self._held.is_set() or self._open.is_set():
+                return False
+            if self.origin is not None and origin != self.origin:
+                return False
+            self.seq = seq
+            self._held.set()
+            return True
+
+    def _wait(self) -> None:
+        self._open.wait(GATE_LIMIT)
+
+    def wait_held(self, timeout: float) -> bool:
+        """Whether a request is held, waiting up to `timeout` seconds for one."""
+        return self._held.wait(timeout)
+
+    @property
+    def held(self) -> bool:
+        return self._held.is_set()
+
+    def open(self) -> None:
+        self._open.set()
 
 
 @dataclass
@@ -83,6 +138,8 @@ class FaultyHomeserver:
         # sender (a sidecar given `url_for(name)` as its homeserver URL).
         self.in_flight: Counter[str] = Counter()
         self._fault = _Fault()
+        self._gates: list[Gate] = []
+        self._busy = 0  # requests being handled
         self._lock = threading.Lock()
         self._events: list[Event] = []
         self._txns: dict[tuple[str, str, str, str, str], str] = {}
@@ -101,6 +158,8 @@ class FaultyHomeserver:
         self._thread.start()
 
     def stop(self) -> None:
+        for gate in self._gates:
+            gate.open()
         server, self._server = self._server, None
         if server is not None:
             server.shutdown()
@@ -121,7 +180,14 @@ class FaultyHomeserver:
 
     def refuse(self) -> None:
         """Stop listening: every connection attempt is refused."""
-        self.stop()
+        self._fault = _Fault(refusing=True)
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
 
     def fail_with(self, status: int) -> None:
         self._fault = _Fault(status=status)
@@ -134,6 +200,16 @@ class FaultyHomeserver:
 
     def forbid(self, room_id: str) -> None:
         self.forbidden.add(room_id)
+
+    def hold(self, origin: str | None = None) -> Gate:
+        """A gate for the next event PUT from `origin` (the name given to `url_for`)."""
+        gate = Gate(origin)
+        self._gates.append(gate)
+        return gate
+
+    def wait_quiet(self, timeout: float) -> bool:
+        """Wait until no request is being handled (a hung one has been taken or refused)."""
+        return wait_until(lambda: self._busy == 0, timeout, interval=0.05)
 
     def recover(self) -> None:
         """Answer normally again (and listen again if refusing)."""
@@ -185,6 +261,7 @@ class FaultyHomeserver:
         state_key: str | None,
         sender: str,
         content: dict[str, Any],
+        under_fault: str | None = None,
     ) -> Event:
         self._next += 1
         now = time.time()
@@ -197,6 +274,7 @@ class FaultyHomeserver:
             content=content,
             origin_server_ts=int(now * 1000),
             arrived=now,
+            under_fault=under_fault,
         )
         self._events.append(event)
         if state_key is not None:
@@ -204,6 +282,17 @@ class FaultyHomeserver:
         return event
 
     def handle(
+        self, method: str, target: str, token: str | None, body: bytes
+    ) -> tuple[int, dict[str, Any] | str]:
+        with self._lock:
+            self._busy += 1
+        try:
+            return self._handle(method, target, token, body)
+        finally:
+            with self._lock:
+                self._busy -= 1
+
+    def _handle(
         self, method: str, target: str, token: str | None, body: bytes
     ) -> tuple[int, dict[str, Any] | str]:
         fault = self._fault
@@ -250,7 +339,8 @@ class FaultyHomeserver:
                 key = (user_id, device_id, room_id, event_type, rest[0] if rest else "")
                 event_id = self._txns.get(key)
                 if event_id is None:
-                    event_id = self._create(room_id, event_type, None, user_id, content).event_id
+                    created = self._create(room_id, event_type, None, user_id, content, fault.name)
+                    event_id = created.event_id
                     self._txns[key] = event_id
                 else:
                     self.repeats += 1
@@ -261,8 +351,15 @@ class FaultyHomeserver:
                     event_id = current.event_id  # identical state: the homeserver keeps the old
                     self.repeats += 1
                 else:
-                    created = self._create(room_id, event_type, state_key, user_id, content)
+                    created = self._create(
+                        room_id, event_type, state_key, user_id, content, fault.name
+                    )
                     event_id = created.event_id
+        seq = content.get("seq") if isinstance(content, dict) else None
+        for gate in list(self._gates):
+            if gate._claim(origin, seq):
+                gate._wait()
+                break
         if self.latency:
             self.in_flight[origin] += 1
             time.sleep(self.latency)

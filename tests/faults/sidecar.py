@@ -24,7 +24,9 @@ ROOT = Path(__file__).resolve().parents[2]
 PYTHON = ROOT / ".venv" / "bin" / "python"
 DELAY = "org.matrix.msc4140.delay"
 V1 = "/_matrix/client/v1/delayed_events"
-READY_TIMEOUT = 60.0
+# Generous enough for a machine several times slower than a developer's, under load.
+READY_TIMEOUT = 120.0
+PROBE_ROOM = "!pace-probe:test"
 
 
 def enc(value: str) -> str:
@@ -151,6 +153,21 @@ class Sidecar:
         return self.request(
             "POST", f"{V1}/{enc(delay_id)}/{action}", token=token, body={}, timeout=timeout
         )
+
+    def pace(self, token: str, probes: int = 5) -> float:
+        """Seconds one scheduling request takes on this machine now: the mean of `probes`
+        messages scheduled an hour ahead in a room of their own and cancelled again (they never
+        reach the homeserver)."""
+        started = time.monotonic()
+        ids = []
+        for _ in range(probes):
+            answer = self.schedule_message(token, PROBE_ROOM, {"seq": "probe"}, 3_600_000)
+            assert answer.status_code == 200, answer.text
+            ids.append(answer.json()["delay_id"])
+        seconds = (time.monotonic() - started) / probes
+        for delay_id in ids:
+            assert self.act(token, delay_id, "cancel").status_code == 200
+        return seconds
 
     def lookup(self, token: str, delay_id: str) -> dict[str, Any]:
         answer = self.request("GET", f"{V1}/{enc(delay_id)}", token=token)

@@ -8,7 +8,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
+
 from tests.faults.homeserver import Event
+
+# How much slower than the machine measured at the start of a test the rest of it may run before
+# a planned send time is missed: the margins of planned schedules are this many times what the
+# measured pace needs.
+PACE_HEADROOM = 4.0
+# The least time left before a planned send time when its event is scheduled.
+MIN_LEAD_MS = 200
 
 # Arrival times come from the same machine's clock as the requests; this covers rounding of the
 # sidecar's millisecond timestamps.
@@ -100,6 +109,27 @@ class Ledger:
         return verdict
 
 
+def delay_until(target: float, what: str = "a planned send time") -> int:
+    """The delay (ms) that makes an event scheduled now due at wall-clock `target`, from one
+    clock read. A target that has passed (or nearly) is an error in the test's set-up, reported
+    as such, never a negative or zero delay sent to the sidecar."""
+    delay_ms = int((target - time.time()) * 1000)
+    if delay_ms < MIN_LEAD_MS:
+        pytest.fail(
+            f"test set-up: {what} was {-delay_ms / 1000:.2f} s ago (less than "
+            f"{MIN_LEAD_MS} ms ahead) when its event was scheduled; the machine ran more than "
+            f"{PACE_HEADROOM:.0f} times slower than the pace measured at the start",
+            pytrace=False,
+        )
+    return delay_ms
+
+
+def lead_time(seconds_per_request: float, requests: int, floor: float = 1.0) -> float:
+    """How far ahead to plan send times so that `requests` more requests at the measured pace fit
+    before the first one, PACE_HEADROOM times over."""
+    return floor + PACE_HEADROOM * seconds_per_request * requests
+
+
 def say(text: str) -> None:
     """A line for the run's output (shown with `-s`, and with a failing test's report)."""
     sys.stdout.write("\n" + text + "\n")
@@ -114,6 +144,7 @@ class Figures:
         "delivered",
         "cancelled",
         "sidecar_kills",
+        "mid_replay_kills",
         "replicas",
         "outages",
         "lost",

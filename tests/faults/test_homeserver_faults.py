@@ -14,10 +14,15 @@ from devstack.procs import wait_until
 
 from tests.faults.conftest import ALICE, SpawnSidecar
 from tests.faults.homeserver import FaultyHomeserver
-from tests.faults.sidecar import Sidecar
+from tests.faults.sidecar import V1, Sidecar
 from tests.faults.support import Figures, Ledger, say
 
 ROOM = "!outage:test"
+# The sidecar checks tokens with the homeserver's whoami; a cached answer lets events be scheduled
+# while the homeserver is down, so that every event of a batch falls due during the outage.
+WHOAMI_CACHE = "3600"
+# Deadlines for what takes a few seconds here, generous for a machine several times slower.
+SETTLE = 120.0
 
 Fault = Callable[[FaultyHomeserver], None]
 FAULTS: dict[str, Fault] = {
@@ -32,7 +37,7 @@ FAULTS: dict[str, Fault] = {
 def _schedule_batch(
     sidecar: Sidecar, ledger: Ledger, rng: random.Random, count: int, room: str = ROOM
 ) -> list[int]:
-    """Schedule messages and state events due within the next 1.5 s."""
+    """Schedule messages and state events due within 1.5 s of their scheduling."""
     seqs = []
     for i in range(count):
         entry = ledger.new(rng.randint(200, 1500))
@@ -46,8 +51,14 @@ def _schedule_batch(
         assert answer.status_code == 200, answer.text
         entry.delay_id = answer.json()["delay_id"]
         entry.not_before = started + entry.delay_ms / 1000
+        entry.send_after = time.time() + entry.delay_ms / 1000
         seqs.append(entry.seq)
     return seqs
+
+
+def _warm(sidecar: Sidecar) -> None:
+    """One request, so that the token's whoami answer is cached before any fault."""
+    assert sidecar.request("GET", V1, token=ALICE).status_code == 200
 
 
 def _retries(sidecar: Sidecar) -> float:
@@ -60,30 +71,42 @@ def test_events_wait_out_an_outage_and_are_delivered_once(
     say(f"FAULTS_SEED={seed}")
     began = time.monotonic()
     rng = random.Random(seed)
-    sidecar = spawn("outages", HOMESERVER_TIMEOUT_SECONDS="1", RETRY_WINDOW_SECONDS="60")
+    sidecar = spawn(
+        "outages",
+        HOMESERVER_TIMEOUT_SECONDS="1",
+        RETRY_WINDOW_SECONDS="600",
+        WHOAMI_CACHE_SECONDS=WHOAMI_CACHE,
+    )
+    _warm(sidecar)
     ledger = Ledger()
     for name, fault in FAULTS.items():
-        seqs = _schedule_batch(sidecar, ledger, rng, 6)
         retries_before = _retries(sidecar)
+        # The fault first, then the batch: every event of it falls due during the outage.
         fault(homeserver)
         outage_began = time.time()
-        # Hold the outage until every event of the batch has been due for a while.
-        last_due = max(ledger.entries[s].not_before for s in seqs)
-        time.sleep(max(0.0, last_due + 2.0 - time.time()))
-        arrived_during = [s for s in seqs if homeserver.arrivals().get(s)]
+        seqs = _schedule_batch(sidecar, ledger, rng, 6)
+        # Hold the outage until every event of the batch is due and the sidecar has met the
+        # fault (a failed attempt for each, at least), however slowly this machine runs.
+        last_due = max(ledger.entries[s].send_after for s in seqs)
+        time.sleep(max(0.0, last_due - time.time()))
+        enough = retries_before + len(seqs)
+        assert wait_until(
+            lambda enough=enough: _retries(sidecar) >= enough, timeout=SETTLE, interval=0.2
+        ), f"{name}: the sidecar never retried"
+        # Only an event whose request the homeserver took under the fault counts: a hung
+        # homeserver takes what it held once it wakes; the others take nothing.
+        taken_during = sorted(e.seq for e in homeserver.events() if e.under_fault and e.seq in seqs)
         homeserver.recover()
         delivered = wait_until(
-            lambda seqs=seqs: all(homeserver.arrivals().get(s) for s in seqs), timeout=30.0
+            lambda seqs=seqs: all(homeserver.arrivals().get(s) for s in seqs), timeout=SETTLE
         )
         assert delivered, f"{name}: not delivered after the outage"
-        assert _retries(sidecar) > retries_before, f"{name}: the sidecar never retried"
         if name != "hangs past the timeout":
-            # A hung homeserver takes what it holds once it wakes; the others took nothing.
-            assert arrived_during == [], f"{name}: arrived during the outage"
+            assert taken_during == [], f"{name}: taken during the outage"
         say(f"{name}: {len(seqs)} events waited {time.time() - outage_began:.1f} s, delivered")
-    assert sidecar.wait_idle(timeout=30)
-    # A hung request may still be held by the homeserver; give it time to land (or not) twice.
-    time.sleep(3.0)
+    assert sidecar.wait_idle(timeout=SETTLE)
+    # A hung request may still be held by the homeserver: let it land (or be absorbed) first.
+    assert homeserver.wait_quiet(timeout=SETTLE), "a request was still held"
     verdict = ledger.judge(homeserver.arrivals())
     figures.add(
         "homeserver outages", began, verdict, replicas=1, outages=len(FAULTS), sidecar_kills=0
@@ -114,17 +137,24 @@ def test_past_the_retry_window_events_are_finalised_with_the_error(
 ) -> None:
     began = time.monotonic()
     rng = random.Random(seed)
-    sidecar = spawn("window", RETRY_WINDOW_SECONDS="3", HOMESERVER_TIMEOUT_SECONDS="1")
+    sidecar = spawn(
+        "window",
+        RETRY_WINDOW_SECONDS="3",
+        HOMESERVER_TIMEOUT_SECONDS="1",
+        WHOAMI_CACHE_SECONDS=WHOAMI_CACHE,
+    )
+    _warm(sidecar)
     ledger = Ledger()
-    seqs = _schedule_batch(sidecar, ledger, rng, 4)
+    # The fault first: no event of the batch can fall due (and be sent) before it.
     FAULTS[name](homeserver)
+    seqs = _schedule_batch(sidecar, ledger, rng, 4)
     ids = [ledger.entries[s].delay_id for s in seqs]
 
     def finalised() -> list[dict[str, Any]] | None:
         found = [sidecar.lookup(ALICE, delay_id) for delay_id in ids if delay_id]
         return found if all("outcome" in item for item in found) else None
 
-    assert wait_until(lambda: finalised() is not None, timeout=30.0), "never finalised"
+    assert wait_until(lambda: finalised() is not None, timeout=SETTLE), "never finalised"
     homeserver.recover()
     items = finalised()
     assert items is not None
@@ -136,8 +166,7 @@ def test_past_the_retry_window_events_are_finalised_with_the_error(
         f'sidecar_delayed_events_failed_total{{generation="A",outcome="{errcode}"}}'
     )
     assert failed == len(seqs)
-    assert sidecar.wait_idle(timeout=10)
-    time.sleep(1.0)  # nothing is sent late either
+    assert sidecar.wait_idle(timeout=SETTLE)
     verdict = ledger.judge(homeserver.arrivals())
     assert verdict.delivered == 0, verdict
     figures.add(
@@ -160,7 +189,7 @@ def test_permanent_refusals_are_finalised_with_the_homeservers_error(
     ledger = Ledger()
     refused = _schedule_batch(sidecar, ledger, rng, 6, room="!forbidden:test")
     allowed = _schedule_batch(sidecar, ledger, rng, 6, room="!allowed:test")
-    assert sidecar.wait_idle(timeout=30)
+    assert sidecar.wait_idle(timeout=SETTLE)
     arrivals = homeserver.arrivals()
     for seq in allowed:
         assert len(arrivals.get(seq, [])) == 1, seq

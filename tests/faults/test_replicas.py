@@ -6,17 +6,27 @@ from __future__ import annotations
 import random
 import time
 
-from devstack.procs import wait_until
+import pytest
 
 from tests.faults.conftest import ALICE, BOB, CAROL, SpawnSidecar
 from tests.faults.homeserver import FaultyHomeserver
 from tests.faults.support import KNOWN, Figures, Ledger, say
 
-LEASE = 4.0
+# The homeserver timeout is far above its answer time (30 ms), so that no request times out on a
+# slow machine (a timed-out replay is released for a retry, when a cancel may still succeed:
+# docs/reliability.md, Limits); the lease outlasts it with room to spare.
+LEASE = 10.0
+HOMESERVER_TIMEOUT = 4.0
 SWEEP = 1.0
 # How late an event may be when the replica that claimed it dies: its lease runs out, then the
 # next sweep of another replica takes it. Generous, for a loaded machine.
-LATENESS_BOUND = LEASE + 2 * SWEEP + 2.0
+LATENESS_BOUND = LEASE + 2 * SWEEP + 4.0
+# The load is a number of events, however long this machine takes to schedule them; the kill
+# comes somewhere in the middle.
+EVENTS = 120
+# How long the killed replica may take to be handed a replay of its own to hold: generous for a
+# machine several times slower (events fall due every few tens of milliseconds meanwhile).
+HOLD_TIMEOUT = 120.0
 TOKENS = [ALICE, BOB, CAROL]
 ROOMS = ["!rep-a:test", "!rep-b:test", "!rep-c:test", "!rep-d:test"]
 
@@ -31,7 +41,7 @@ def test_replicas_share_the_work_and_survive_a_kill(
     settings = {
         "CLAIM_LEASE_SECONDS": str(LEASE),
         "SWEEP_INTERVAL_SECONDS": str(SWEEP),
-        "HOMESERVER_TIMEOUT_SECONDS": "1.5",
+        "HOMESERVER_TIMEOUT_SECONDS": str(HOMESERVER_TIMEOUT),
     }
     replicas = [
         spawn(f"replica{i}", HOMESERVER_URL=homeserver.url_for(f"replica{i}"), **settings)
@@ -40,24 +50,29 @@ def test_replicas_share_the_work_and_survive_a_kill(
     ledger = Ledger()
     tokens: dict[int, str] = {}
     killed_at: float | None = None
-    in_flight = False
-    schedule_until = time.monotonic() + 16.0
-    kill_at = time.monotonic() + rng.uniform(5.0, 9.0)
-    while time.monotonic() < schedule_until:
-        if killed_at is None and time.monotonic() >= kill_at:
-            # A slow homeserver for a moment, so the replica dies with a replay in flight: taken
-            # by the homeserver, not yet recorded by the replica.
-            homeserver.latency = 0.4
-            in_flight = wait_until(lambda: homeserver.in_flight["replica0"] > 0, 10.0, 0.01)
-            replicas[0].kill()
-            killed_at = time.time()
-            homeserver.latency = 0.03
+    kill_after = rng.randint(EVENTS // 3, EVENTS // 2)
+    gate = None
+    hold_deadline = 0.0
+    while len(ledger.entries) < EVENTS or killed_at is None:
+        if killed_at is None and len(ledger.entries) >= kill_after:
+            if gate is None:
+                # The next replay replica0 sends is taken by the homeserver and held unanswered.
+                gate = homeserver.hold("replica0")
+                hold_deadline = time.monotonic() + HOLD_TIMEOUT
+            if gate.held:
+                replicas[0].kill()
+                killed_at = time.time()
+                gate.open()
+            elif time.monotonic() > hold_deadline:
+                pytest.fail(f"replica0 sent no replay within {HOLD_TIMEOUT:.0f} s", False)
         alive = [r for r in replicas if r.running]
+        # While waiting for replica0 to send something, give it events of its own.
+        via = replicas[0] if gate is not None and killed_at is None else rng.choice(alive)
         entry = ledger.new(rng.randint(100, 1500))
         token = rng.choice(TOKENS)
         tokens[entry.seq] = token
         started = time.time()
-        answer = rng.choice(alive).schedule_message(
+        answer = via.schedule_message(
             token,
             rng.choice(ROOMS),
             {"seq": entry.seq},
@@ -73,11 +88,11 @@ def test_replicas_share_the_work_and_survive_a_kill(
             if cancel.status_code == 200:
                 entry.cancelled = KNOWN
         time.sleep(rng.uniform(0.005, 0.04))
-    assert killed_at is not None
-    assert in_flight, "replica0 never had a replay in flight"
+    assert gate is not None
+    assert gate.seq in ledger.entries, "replica0 held no replay of ours"
     survivors = [r for r in replicas if r.running]
     assert len(survivors) == 2
-    assert survivors[0].wait_idle(timeout=60), "events were still scheduled after 60 s"
+    assert survivors[0].wait_idle(timeout=120), "events were still scheduled after 120 s"
 
     arrivals = homeserver.arrivals()
     verdict = ledger.judge(arrivals)
@@ -93,6 +108,7 @@ def test_replicas_share_the_work_and_survive_a_kill(
         began,
         verdict,
         sidecar_kills=1,
+        mid_replay_kills=1,
         replicas=len(replicas),
         outages=0,
     )
@@ -102,10 +118,11 @@ def test_replicas_share_the_work_and_survive_a_kill(
         f"repeated replays absorbed by the homeserver={homeserver.repeats}"
     )
     assert verdict.ok, f"FAULTS_SEED={seed}: {verdict.describe()}"
-    assert verdict.events >= 150
     assert worst <= LATENESS_BOUND, {s: round(v, 2) for s, v in lateness.items() if v > 2}
     assert all(n > 0 for n in sent_by), "every surviving replica replays its share"
-    # The replay the dead replica had in flight was repeated by another, and absorbed.
+    # The replay the dead replica had in flight (the homeserver took it; the replica died before
+    # the answer) was repeated by another, and absorbed.
+    assert len(homeserver.arrivals()[gate.seq]) == 1
     assert homeserver.repeats >= 1
 
 

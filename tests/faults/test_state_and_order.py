@@ -12,9 +12,12 @@ import pytest
 from tests.faults.conftest import ALICE, BOB, SpawnSidecar
 from tests.faults.homeserver import FaultyHomeserver
 from tests.faults.sidecar import Sidecar
-from tests.faults.support import Figures, Ledger, say
+from tests.faults.support import Figures, Ledger, delay_until, lead_time, say
 
 STATE = "m.test.state"
+# Long enough that the three events are scheduled and the homeserver's state set before any falls
+# due, on a machine many times slower than a developer's.
+NEWER_STATE_DELAY_MS = 5000
 
 
 @pytest.mark.parametrize("rule", ["true", "false"], ids=["rule-on", "rule-off"])
@@ -25,17 +28,19 @@ def test_newer_state_of_another_user_cancels_at_replay_time(
     room = "!newer:test"
     sidecar = spawn("newer", CANCEL_ON_NEWER_STATE=rule)
     homeserver.set_state(room, STATE, "older", "@bob:test", {"by": "bob, before"})
-    time.sleep(0.01)
+    time.sleep(0.01)  # later timestamps (milliseconds) than the state above
     ids = {}
     for key in ("others", "own", "older"):
-        answer = sidecar.schedule_state(ALICE, room, STATE, key, {"seq": key}, 1500)
+        answer = sidecar.schedule_state(ALICE, room, STATE, key, {"seq": key}, NEWER_STATE_DELAY_MS)
         assert answer.status_code == 200, answer.text
         ids[key] = answer.json()["delay_id"]
     time.sleep(0.01)
     # Set on the homeserver directly, not through the sidecar: only the replay can notice.
     homeserver.set_state(room, STATE, "others", "@bob:test", {"by": "bob, after"})
     homeserver.set_state(room, STATE, "own", "@alice:test", {"by": "alice, after"})
-    assert sidecar.wait_idle(timeout=30)
+    if any(sidecar.lookup(ALICE, delay_id).get("outcome") for delay_id in ids.values()):
+        pytest.fail("test set-up: an event was replayed before the newer state was set", False)
+    assert sidecar.wait_idle(timeout=60)
 
     arrivals = homeserver.arrivals()
     assert len(arrivals.get("own", [])) == 1
@@ -76,21 +81,26 @@ def test_overdue_events_replay_in_send_time_order_after_a_restart(
     sidecar = spawn("order")
     ledger = Ledger()
     room_of: dict[int, str] = {}
-    start = time.time()
-    # Send times spread over [start + 3 s, start + 5 s], whatever the order of scheduling.
-    for _ in range(60):
-        target = start + 3.0 + rng.uniform(0, 2.0)
-        entry = ledger.new(int((target - time.time()) * 1000))
+    count = 60
+    # Send times spread over 2 s that begins once all are scheduled and the sidecar stopped, at
+    # the pace this machine schedules now (with headroom); the order of scheduling is random.
+    base = time.time() + lead_time(sidecar.pace(ALICE), count + 10)
+    for _ in range(count):
+        target = base + rng.uniform(0, 2.0)
+        entry = ledger.new(delay_until(target))
+        entry.not_before = target - 0.001
         room = room_of[entry.seq] = rng.choice(rooms)
         answer = sidecar.schedule_message(ALICE, room, {"seq": entry.seq}, entry.delay_ms)
         assert answer.status_code == 200, answer.text
         entry.delay_id = answer.json()["delay_id"]
     sidecar.stop()
+    if time.time() >= base:
+        pytest.fail("test set-up: scheduling and stopping outlasted the planned lead", False)
     assert homeserver.events() == [], "an event fired before the sidecar stopped"
     # Let every event become overdue while no sidecar runs.
-    time.sleep(max(0.0, start + 6.0 - time.time()))
+    time.sleep(max(0.0, base + 3.0 - time.time()))
     sidecar.start()
-    assert sidecar.wait_idle(timeout=30)
+    assert sidecar.wait_idle(timeout=120)
     send_ts = {
         seq: _send_ts(sidecar, ALICE, e.delay_id)
         for seq, e in ledger.entries.items()
@@ -124,10 +134,13 @@ def test_state_of_one_key_lands_in_order_across_two_replicas(
     ledger = Ledger()
     key_of: dict[int, str] = {}
     token_of: dict[int, str] = {}
-    start = time.time()
-    for i in range(36):
-        target = start + 2.0 + rng.uniform(0, 1.0)
-        entry = ledger.new(max(0, int((target - time.time()) * 1000)))
+    count = 36
+    # Send times within 1 s that begins once all are scheduled, at this machine's pace.
+    base = time.time() + lead_time(replicas[0].pace(ALICE), count)
+    for i in range(count):
+        target = base + rng.uniform(0, 1.0)
+        entry = ledger.new(delay_until(target))
+        entry.not_before = target - 0.001
         # One user's state: another user's would cancel it (the newer-state rule).
         token = rng.choice([ALICE, BOB]) if i % 3 == 0 else ALICE
         token_of[entry.seq] = token
@@ -141,7 +154,7 @@ def test_state_of_one_key_lands_in_order_across_two_replicas(
             )
         assert answer.status_code == 200, answer.text
         entry.delay_id = answer.json()["delay_id"]
-    assert replicas[0].wait_idle(timeout=60)
+    assert replicas[0].wait_idle(timeout=120)
 
     verdict = ledger.judge(homeserver.arrivals())
     figures.add("state order, two replicas", began, verdict, replicas=2)
