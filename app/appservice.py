@@ -32,7 +32,7 @@ def registration_yaml(server_name: str, *, as_token: str, hs_token: str) -> str:
             f"as_token: {q(as_token)}",
             f"hs_token: {q(hs_token)}",
             f"sender_localpart: {q(SENDER_LOCALPART)}",
-            "rate_limited: false",
+            "rate_limited: true",
             "namespaces:",
             "  users:",
             "    - exclusive: false",

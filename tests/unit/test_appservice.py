@@ -38,3 +38,10 @@ def test_command_prints_the_setting(tmp_path: Path, capsys) -> None:  # type: ig
     printed = capsys.readouterr().out.strip()
     assert printed.startswith("SIDECAR_APPSERVICE_TOKEN=")
     assert printed.removeprefix("SIDECAR_APPSERVICE_TOKEN=") in out.read_text()
+
+
+def test_replays_stay_under_the_homeserver_s_rate_limits() -> None:
+    """The sidecar sends as any user of the namespace: unlimited, a user could replay far more
+    messages through it (delay 0) than the homeserver lets them send themselves."""
+    text = registration_yaml("example.org", as_token="A", hs_token="H")
+    assert "rate_limited: true" in text.splitlines()
