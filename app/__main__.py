@@ -1,5 +1,5 @@
 """Command line: `python -m app serve | migrate | gen-key | check-config |
-appservice-registration --server-name NAME [--output FILE]`, or `--version`."""
+appservice-registration --server-name NAME [--output FILE] | admin ...`, or `--version`."""
 
 from __future__ import annotations
 
@@ -69,6 +69,12 @@ def serve(settings: Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else argv
+    if given[:1] == ["admin"]:
+        # The operators' commands (app/admin_cli.py): the database setting alone.
+        from app.admin_cli import main as admin_main
+
+        return admin_main(given[1:])
     parser = argparse.ArgumentParser(prog="python -m app", description=__doc__)
     parser.add_argument("--version", action="version", version=f"{DISTRIBUTION} {version()}")
     parser.add_argument(

@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from app.api import health, history, manage, proxy, schedule
+from app.api import admin, health, history, manage, proxy, schedule
 from app.api.deps import Container
 from app.api.heartbeat import HeartbeatMiddleware
 from app.api.middleware import MatrixEdgeMiddleware, RawPathMiddleware
@@ -146,7 +146,7 @@ def create_app(
     )
     app.state.container = container
     # Routes are matched in order: the heartbeat's (manage) first.
-    for module in (manage, schedule, history, proxy, health):
+    for module in (manage, schedule, history, proxy, health, admin):
         app.include_router(module.router)
     app.add_exception_handler(MatrixError, _matrix_error)  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]

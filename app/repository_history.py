@@ -30,6 +30,11 @@ _STATUS: dict[str, Any] = {
 STATUSES = tuple(_STATUS)
 
 
+def status_condition(status: str) -> Any:
+    """The stored rows an MSC4486 status (one of STATUSES) stands for."""
+    return _STATUS[status]
+
+
 @dataclass(frozen=True, slots=True)
 class HistoryFilter:
     """Which of a user's events, and which way. `from_ts` is inclusive, `to_ts` exclusive; both

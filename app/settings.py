@@ -21,7 +21,7 @@ from pydantic_settings import (
 
 ENV_PREFIX = "SIDECAR_"
 # The settings that may be read from a file named by SIDECAR_<NAME>_FILE.
-SECRET_SETTINGS = ("database_url", "token_keys", "appservice_token")
+SECRET_SETTINGS = ("database_url", "token_keys", "appservice_token", "admin_token")
 
 
 class _SecretFiles(PydanticBaseSettingsSource):
@@ -136,6 +136,8 @@ class Settings(DatabaseSettings):
     # Application-service mode: replay as the user through the homeserver's application-service
     # API instead of with the user's own (possibly expired) access token.
     appservice_token: SecretStr | None = None
+    # The operators' admin API (`/_sidecar/admin/v1/`, app/api/admin.py): off while unset.
+    admin_token: SecretStr | None = None
 
     log_level: str = "INFO"
     database_pool_size: int = Field(default=10, ge=1)
@@ -166,6 +168,20 @@ class Settings(DatabaseSettings):
                 raise ValueError("each key must decode to 32 bytes (python -m app gen-key)")
             keys.append(key)
         return keys
+
+    @field_validator("admin_token")
+    @classmethod
+    def _strong_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        token = value.get_secret_value()
+        # A bearer token as it can stand in a header; short ones could be guessed.
+        if len(token) < 32 or not token.isascii() or not token.isprintable() or " " in token:
+            raise ValueError(
+                "must be at least 32 printable ASCII characters without spaces"
+                " (python -m app gen-key makes one)"
+            )
+        return value
 
     @field_validator("log_level")
     @classmethod

@@ -37,7 +37,7 @@ def secret_file(tmp_path: Path, name: str, text: str) -> str:
 
 
 def test_the_secret_settings() -> None:
-    assert set(SECRET_SETTINGS) == {"database_url", "token_keys", "appservice_token"}
+    assert set(SECRET_SETTINGS) == {"database_url", "token_keys", "appservice_token", "admin_token"}
     assert set(SECRET_SETTINGS) <= set(Settings.model_fields)
 
 
@@ -115,3 +115,26 @@ def test_the_database_settings_need_the_database_url_alone(
     assert str(raised.value) == "invalid settings:\n  SIDECAR_DATABASE_URL: is required"
     monkeypatch.setenv("SIDECAR_DATABASE_URL_FILE", secret_file(tmp_path, "db", DATABASE + "\n"))
     assert load_database_settings().database_url == "postgresql+asyncpg://u:p@db:5432/sidecar"
+
+
+def test_the_admin_token_is_off_unless_set_and_may_come_from_a_file(
+    env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    assert load_settings().admin_token is None
+    token = new_key()
+    env.setenv("SIDECAR_ADMIN_TOKEN_FILE", secret_file(tmp_path, "admin", token + "\n"))
+    admin_token = load_settings().admin_token
+    assert admin_token is not None
+    assert admin_token.get_secret_value() == token
+    assert token not in repr(load_settings())
+
+
+@pytest.mark.parametrize("weak", ["short-but-given", "x" * 31, "with a space" * 4, "é" * 40])
+def test_a_weak_admin_token_is_refused_without_being_quoted(
+    env: pytest.MonkeyPatch, weak: str
+) -> None:
+    env.setenv("SIDECAR_ADMIN_TOKEN", weak)
+    with pytest.raises(SettingsError) as raised:
+        load_settings()
+    assert "SIDECAR_ADMIN_TOKEN: must be at least 32 printable ASCII" in str(raised.value)
+    assert weak not in str(raised.value)
