@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 from typing import Any
 
 from fastapi import APIRouter, Depends
@@ -34,6 +35,8 @@ from app.api import requests as rq
 from app.api.deps import container
 from app.errors import Forbidden, InvalidParam, MissingToken, Unrecognized
 from app.repository_admin import AdminFilter
+
+logger = logging.getLogger(__name__)
 
 PREFIX = "/_sidecar/admin/v1"
 _MAX_OVERDUE_MS = 2**53
@@ -58,6 +61,7 @@ async def admin_service(request: Request) -> AdminService:
     if scheme.lower() != "bearer" or not given:
         raise MissingToken("Invalid Authorization header")
     if not hmac.compare_digest(_digest(given), _digest(expected.get_secret_value())):
+        logger.warning("admin: refused %s %s (not the admin token)", request.method, PREFIX)
         raise Forbidden("This is not the admin token")
     return AdminService(c.engine, c.service.clock)
 

@@ -126,6 +126,7 @@ async def test_refused_without_the_admin_token(
     logged = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("app"))
     assert ADMIN_TOKEN not in logged
     assert "alice_token" not in logged
+    assert logged.count("not the admin token") == 2
 
 
 # Listing -----------------------------------------------------------------------------------------
