@@ -66,6 +66,11 @@ class Lost:
 Attempt = ReplayResult | NewerState | Lost
 
 
+class TakenOver(Exception):
+    """The send action's claim was lost before its request (it waited past its lease and
+    another replica took the event over): not sent by the action."""
+
+
 class Replayer:
     def __init__(
         self,
@@ -336,8 +341,16 @@ class Replayer:
             error = {"errcode": "M_UNKNOWN_TOKEN", "error": "No usable access token is stored"}
             await self._finalise_failed(event, error)
             raise _credential_failed(error)
-        outcome = await self.attempt(event, credential)
-        assert not isinstance(outcome, Lost)  # only a run's keeper re-checks claims
+        # Its claim is kept and re-checked like a run's: it may wait long (for a request slot,
+        # on the newer-state check), and a lapsed claim is another replica's to send.
+        keeper = _ClaimKeeper(self)
+        keeper.add([event], self.clock.now_ms())
+        try:
+            outcome = await self.attempt(event, credential, keeper=keeper)
+        finally:
+            await keeper.close()
+        if isinstance(outcome, Lost):
+            raise TakenOver()
         if isinstance(outcome, Sent | NewerState):
             await self.record(event, outcome, reason="action")
             if isinstance(outcome, NewerState):
@@ -807,4 +820,4 @@ def _cancelled_conflict() -> HomeserverError:
     )
 
 
-__all__ = ["CANCELLED_BY_STATE", "Replayer", "txn_id_for"]
+__all__ = ["CANCELLED_BY_STATE", "Replayer", "TakenOver", "txn_id_for"]
