@@ -86,6 +86,11 @@ class Replayer:
         self.clock = clock
         self.settings = settings
         self._lease_ms = int(settings.claim_lease_seconds * 1000)
+        # The longest one request to the homeserver may take as a whole. httpx's timeout bounds
+        # each wait (to connect, to write, for the next bytes), so an answer that trickles in
+        # would keep a request, its slot and its renewed claim for ever; three of those waits
+        # is as long as an honest request can take.
+        self._request_deadline = 3 * settings.homeserver_timeout_seconds
         self._run: _Run | None = None
         # This replica's lock (`app.liveness`), set by the application; its claims name it.
         self.liveness: ReplicaLock | None = None
@@ -190,15 +195,21 @@ class Replayer:
             # now, with nothing left to wait for but the request itself.
             if keeper is not None and not await keeper.before_send(event):
                 return Lost()
-            return await self.homeserver.replay(
-                credential=credential,
-                room_id=event.room_id,
-                event_type=event.event_type,
-                state_key=event.state_key,
-                content=event.content,
-                query=event.query,
-                txn_id=txn_id_for(event.delay_id),
-            )
+            try:
+                async with asyncio.timeout(self._request_deadline):
+                    return await self.homeserver.replay(
+                        credential=credential,
+                        room_id=event.room_id,
+                        event_type=event.event_type,
+                        state_key=event.state_key,
+                        content=event.content,
+                        query=event.query,
+                        txn_id=txn_id_for(event.delay_id),
+                    )
+            except TimeoutError:
+                # The homeserver has the whole request and may have taken the event.
+                error = {"errcode": "M_UNKNOWN", "error": "homeserver answer took too long"}
+                return Transient(error, in_doubt=True)
 
     async def _newer_state(
         self, event: DelayedEvent, credential: Credential, keeper: _ClaimKeeper | None = None
@@ -207,12 +218,15 @@ class Replayer:
         async with self._slots:
             if keeper is not None:
                 await keeper.renew_if_due()
-            current = await self.homeserver.state_event(
-                credential=credential,
-                room_id=event.room_id,
-                event_type=event.event_type,
-                state_key=event.state_key,
-            )
+            current: dict[str, Any] | None = None  # an answer that never ends: none, as a failure
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._request_deadline):
+                    current = await self.homeserver.state_event(
+                        credential=credential,
+                        room_id=event.room_id,
+                        event_type=event.event_type,
+                        state_key=event.state_key,
+                    )
         if current is None:
             return None
         sender, ts = current.get("sender"), current.get("origin_server_ts")
