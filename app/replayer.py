@@ -367,6 +367,9 @@ class Replayer:
             raise TakenOver()
         if isinstance(outcome, Sent | NewerState):
             await self.record(event, outcome, reason="action")
+            if event.state_key is not None:
+                # The next state event of its key, waiting for this one, may be overdue.
+                self.wake(self.clock.now_ms())
             if isinstance(outcome, NewerState):
                 raise _cancelled_conflict()
             return
