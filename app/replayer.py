@@ -66,6 +66,11 @@ class Lost:
 Attempt = ReplayResult | NewerState | Lost
 
 
+class TakenOver(Exception):
+    """The send action's claim was lost before its request (it waited past its lease and
+    another replica took the event over): not sent by the action."""
+
+
 class Replayer:
     def __init__(
         self,
@@ -81,6 +86,11 @@ class Replayer:
         self.clock = clock
         self.settings = settings
         self._lease_ms = int(settings.claim_lease_seconds * 1000)
+        # The longest one request to the homeserver may take as a whole. httpx's timeout bounds
+        # each wait (to connect, to write, for the next bytes), so an answer that trickles in
+        # would keep a request, its slot and its renewed claim for ever; three of those waits
+        # is as long as an honest request can take.
+        self._request_deadline = 3 * settings.homeserver_timeout_seconds
         self._run: _Run | None = None
         # This replica's lock (`app.liveness`), set by the application; its claims name it.
         self.liveness: ReplicaLock | None = None
@@ -185,15 +195,21 @@ class Replayer:
             # now, with nothing left to wait for but the request itself.
             if keeper is not None and not await keeper.before_send(event):
                 return Lost()
-            return await self.homeserver.replay(
-                credential=credential,
-                room_id=event.room_id,
-                event_type=event.event_type,
-                state_key=event.state_key,
-                content=event.content,
-                query=event.query,
-                txn_id=txn_id_for(event.delay_id),
-            )
+            try:
+                async with asyncio.timeout(self._request_deadline):
+                    return await self.homeserver.replay(
+                        credential=credential,
+                        room_id=event.room_id,
+                        event_type=event.event_type,
+                        state_key=event.state_key,
+                        content=event.content,
+                        query=event.query,
+                        txn_id=txn_id_for(event.delay_id),
+                    )
+            except TimeoutError:
+                # The homeserver has the whole request and may have taken the event.
+                error = {"errcode": "M_UNKNOWN", "error": "homeserver answer took too long"}
+                return Transient(error, in_doubt=True)
 
     async def _newer_state(
         self, event: DelayedEvent, credential: Credential, keeper: _ClaimKeeper | None = None
@@ -202,12 +218,15 @@ class Replayer:
         async with self._slots:
             if keeper is not None:
                 await keeper.renew_if_due()
-            current = await self.homeserver.state_event(
-                credential=credential,
-                room_id=event.room_id,
-                event_type=event.event_type,
-                state_key=event.state_key,
-            )
+            current: dict[str, Any] | None = None  # an answer that never ends: none, as a failure
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._request_deadline):
+                    current = await self.homeserver.state_event(
+                        credential=credential,
+                        room_id=event.room_id,
+                        event_type=event.event_type,
+                        state_key=event.state_key,
+                    )
         if current is None:
             return None
         sender, ts = current.get("sender"), current.get("origin_server_ts")
@@ -336,10 +355,21 @@ class Replayer:
             error = {"errcode": "M_UNKNOWN_TOKEN", "error": "No usable access token is stored"}
             await self._finalise_failed(event, error)
             raise _credential_failed(error)
-        outcome = await self.attempt(event, credential)
-        assert not isinstance(outcome, Lost)  # only a run's keeper re-checks claims
+        # Its claim is kept and re-checked like a run's: it may wait long (for a request slot,
+        # on the newer-state check), and a lapsed claim is another replica's to send.
+        keeper = _ClaimKeeper(self)
+        keeper.add([event], self.clock.now_ms())
+        try:
+            outcome = await self.attempt(event, credential, keeper=keeper)
+        finally:
+            await keeper.close()
+        if isinstance(outcome, Lost):
+            raise TakenOver()
         if isinstance(outcome, Sent | NewerState):
             await self.record(event, outcome, reason="action")
+            if event.state_key is not None:
+                # The next state event of its key, waiting for this one, may be overdue.
+                self.wake(self.clock.now_ms())
             if isinstance(outcome, NewerState):
                 raise _cancelled_conflict()
             return
@@ -807,4 +837,4 @@ def _cancelled_conflict() -> HomeserverError:
     )
 
 
-__all__ = ["CANCELLED_BY_STATE", "Replayer", "txn_id_for"]
+__all__ = ["CANCELLED_BY_STATE", "Replayer", "TakenOver", "txn_id_for"]

@@ -30,7 +30,7 @@ from app.errors import (
     StoredCredentialFailed,
 )
 from app.models import CANCELLED, FAILED, SCHEDULED, SENT, storable_text
-from app.replayer import CANCELLED_BY_STATE, Replayer, token_context
+from app.replayer import CANCELLED_BY_STATE, Replayer, TakenOver, token_context
 from app.repository import DelayedEvent
 from app.restarts import RestartBatcher, SealedToken
 from app.settings import Settings
@@ -239,6 +239,12 @@ class DelayedEventService:
                 if v1:
                     raise Conflict(exc.message) from None
                 raise NotFound(exc.message) from None
+            except TakenOver:
+                # Another replica sends it (or has): answered as the action arriving now would be.
+                async with self.engine.connect() as conn:
+                    existing = await repo.get(conn, delay_id)
+                counter.labels(generation, "refused").inc()
+                self._refuse(existing, owner, action, v1=v1, now=now)
             return
         counter.labels(generation, "ok").inc()
 
