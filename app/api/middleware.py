@@ -27,6 +27,9 @@ _DATABASE_DOWN = (OperationalError, InterfaceError, PoolTimeout, ConnectionError
 # down, crashed or still starting up (57P01-57P03). asyncpg raises the last while PostgreSQL
 # stops or starts, and SQLAlchemy wraps it as a plain DBAPIError.
 _UNAVAILABLE_SQLSTATES = ("08", "57P01", "57P02", "57P03")
+# Transaction rollback (class 40): a deadlock broken or a serialization conflict. The request's
+# transaction stored nothing, and the same request again goes through.
+_ROLLED_BACK_SQLSTATES = ("40",)
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 # A dot segment (`.` or `..`, also as `%2e`) between slashes that may be encoded as `%2F`: a proxy
 # in front resolves those before routing while the homeserver reads the raw path, so the two may
@@ -45,12 +48,15 @@ def _database_down(exc: BaseException) -> bool:
         return True
     if not isinstance(exc, DBAPIError):
         return False
-    if exc.connection_invalidated:
-        return True
-    cause: BaseException | None = exc.orig
+    return exc.connection_invalidated or _sqlstate_in(exc, _UNAVAILABLE_SQLSTATES)
+
+
+def _sqlstate_in(exc: BaseException, classes: tuple[str, ...]) -> bool:
+    """Whether the driver error behind a DBAPIError has a SQLSTATE starting with one of these."""
+    cause: BaseException | None = exc.orig if isinstance(exc, DBAPIError) else None
     while cause is not None:
         sqlstate = getattr(cause, "sqlstate", None)
-        if isinstance(sqlstate, str) and sqlstate.startswith(_UNAVAILABLE_SQLSTATES):
+        if isinstance(sqlstate, str) and sqlstate.startswith(classes):
             return True
         cause = cause.__cause__
     return False
@@ -158,6 +164,9 @@ class MatrixEdgeMiddleware:
             if _database_down(exc):
                 logger.warning("database unavailable: %s", type(exc).__name__)
                 status, body = 503, {"errcode": "M_UNKNOWN", "error": "Database unavailable"}
+            elif _sqlstate_in(exc, _ROLLED_BACK_SQLSTATES):
+                logger.warning("database rolled a transaction back: %s", type(exc).__name__)
+                status, body = 503, {"errcode": "M_UNKNOWN", "error": "Database busy, try again"}
             else:
                 logger.exception(
                     "unhandled error on %s %s", scope["method"], _redacted(scope["path"])

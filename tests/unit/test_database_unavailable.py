@@ -58,3 +58,19 @@ async def test_other_database_errors_stay_500() -> None:
     status, body = await _status(_wrapped(asyncpg.exceptions.UniqueViolationError("duplicate")))
     assert status == 500
     assert body["errcode"] == "M_UNKNOWN"
+
+
+@pytest.mark.parametrize(
+    "driver_error",
+    [
+        asyncpg.exceptions.DeadlockDetectedError("deadlock detected"),
+        asyncpg.exceptions.SerializationError("could not serialize access"),
+    ],
+    ids=["deadlock", "serialization"],
+)
+async def test_a_transaction_the_database_rolled_back_is_503(driver_error: Exception) -> None:
+    """PostgreSQL broke a deadlock (or a serialization conflict) by rolling one side back:
+    nothing of that request was stored, and the same request again succeeds."""
+    status, body = await _status(_wrapped(driver_error))
+    assert status == 503
+    assert body == {"errcode": "M_UNKNOWN", "error": "Database busy, try again"}
