@@ -33,15 +33,9 @@ def migrate(database_url: str) -> None:
 
 
 def _configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # httpx logs every request URL at INFO; URLs carry room ids, not secrets, but are noise.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    # APScheduler reports every run of the wake-up and sweep jobs at INFO.
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    from app import logs
+
+    logs.configure(settings.log_level, settings.log_format, sys.stderr)
 
 
 def serve(settings: Settings) -> None:
@@ -61,6 +55,8 @@ def serve(settings: Settings) -> None:
         host=settings.listen_host,
         port=settings.listen_port,
         log_level=settings.log_level.lower(),
+        # Logging is configured above (text or JSON); uvicorn's lines go through it too.
+        log_config=None,
         access_log=False,
         proxy_headers=True,
         server_header=False,

@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from app import metrics
 from app.api import admin, health, history, manage, proxy, schedule
 from app.api.deps import Container
 from app.api.heartbeat import HeartbeatMiddleware
@@ -25,6 +26,7 @@ from app.crypto import TokenCipher
 from app.errors import MatrixError
 from app.homeserver import Homeserver
 from app.liveness import ReplicaLock
+from app.logs import RequestIdMiddleware
 from app.ratelimit import RateLimits, TokenBuckets
 from app.replayer import Replayer
 from app.scheduler import WakeUpScheduler
@@ -152,8 +154,11 @@ def create_app(
     app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_middleware(HeartbeatMiddleware)
+    app.add_middleware(metrics.RequestMetricsMiddleware)
     app.add_middleware(MatrixEdgeMiddleware)
     app.add_middleware(RawPathMiddleware)
+    app.add_middleware(RequestIdMiddleware)
+    metrics.BUILD.info({"version": version()})
     return app
 
 

@@ -29,6 +29,7 @@ from app.crypto import TokenCipher
 from app.errors import HomeserverError, StoredCredentialFailed
 from app.homeserver import Credential, Homeserver, Refused, ReplayResult, Sent, Transient
 from app.liveness import ReplicaLock
+from app.logs import LogId
 from app.models import CANCELLED, FAILED, SENT
 from app.repository import DelayedEvent
 from app.settings import Settings
@@ -46,7 +47,7 @@ def txn_id_for(delay_id: str) -> str:
 def log_id(delay_id: str) -> str:
     """How logs name an event: the first characters of its delay_id, enough to find its row but
     not to act on it (a whole delay_id lets a tokenless call send, cancel or restart it)."""
-    return delay_id[:6] + "..."
+    return LogId(delay_id[:6] + "...")
 
 
 def token_context(user_id: str, device_id: str | None) -> str:
@@ -293,6 +294,7 @@ class Replayer:
                 log_id(event.delay_id),
                 outcome.status,
                 outcome.error.get("errcode"),
+                extra={"outcome": "refused"},
             )
             await self._finalise_failed(event, outcome.error)
         else:
@@ -307,6 +309,7 @@ class Replayer:
                 log_id(event.delay_id),
                 event.attempts + 1,
                 outcome.error.get("errcode"),
+                extra={"outcome": "gave_up"},
             )
             await self._finalise_failed(event, outcome.error)
             return
@@ -322,6 +325,7 @@ class Replayer:
             log_id(event.delay_id),
             outcome.error.get("errcode"),
             due - now,
+            extra={"outcome": "retry"},
         )
 
     def backoff_ms(self, attempts: int, retry_after_ms: int | None) -> int:

@@ -140,6 +140,8 @@ class Settings(DatabaseSettings):
     admin_token: SecretStr | None = None
 
     log_level: str = "INFO"
+    # `text` (one readable line) or `json` (one JSON object a line, for log collectors).
+    log_format: str = "text"
     database_pool_size: int = Field(default=10, ge=1)
 
     @field_validator("homeserver_url")
@@ -190,6 +192,14 @@ class Settings(DatabaseSettings):
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
         return level
+
+    @field_validator("log_format")
+    @classmethod
+    def _log_format(cls, value: str) -> str:
+        kind = value.lower()
+        if kind not in {"text", "json"}:
+            raise ValueError("must be text or json")
+        return kind
 
 
 class SettingsError(Exception):

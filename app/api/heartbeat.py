@@ -11,6 +11,7 @@ import re
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app import metrics
 from app.api.manage import split_action
 from app.errors import MatrixError
 from app.service import Action
@@ -19,6 +20,11 @@ _RESTART = re.compile(
     r"^/_matrix/client/(?:(?P<v1>v1)|unstable/org\.matrix\.msc4140)/delayed_events/"
     r"(?P<delay_id>[^/]+)/restart$"
 )
+# How request metrics name the heartbeat's route (its own series, apart from the routed actions).
+_TEMPLATES = {
+    True: "/_matrix/client/v1/delayed_events/{delay_id}/restart",
+    False: "/_matrix/client/unstable/org.matrix.msc4140/delayed_events/{delay_id}/restart",
+}
 _JSON = (b"content-type", b"application/json")
 
 
@@ -34,6 +40,7 @@ class HeartbeatMiddleware:
         if match is None:
             await self.app(scope, receive, send)
             return
+        scope[metrics.ROUTE_TEMPLATE] = _TEMPLATES[match["v1"] is not None]
         request = Request(scope, receive)
         try:
             await split_action(

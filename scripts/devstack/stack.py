@@ -1,6 +1,7 @@
 """The local stack: PostgreSQL, Synapse, the sidecar and nginx, all on loopback.
 
     scripts/stack up [--dir DIR] [--client-port N] ...   start everything, print the URLs
+    scripts/stack up --monitoring      also Prometheus, scraping the sidecar with the shipped rules
     scripts/stack status | down | register USER
 
 `up` prints one `NAME=value` line each for CLIENT_URL, HOMESERVER_URL, SIDECAR_URL and
@@ -23,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from devstack import matrix, nginx, procs, synapse
+from devstack import matrix, nginx, procs, prometheus, synapse
 from devstack.postgres import PostgresServer, find_bindir, start_throwaway
 from devstack.procs import StackError
 
@@ -33,17 +34,19 @@ SIDECAR_MARKER = "-m app serve"
 POSTGRES_MARKER = "postgres"
 DATABASE = "sidecar"
 STATE_FILE = "stack.json"
-STOP_ORDER = ("nginx", "sidecar", "synapse", "postgres")
+STOP_ORDER = ("prometheus", "nginx", "sidecar", "synapse", "postgres")
+PORT_NAMES = ("client", "homeserver", "sidecar", "postgres", "prometheus")
 
 
 @dataclass(frozen=True)
 class Ports:
-    """Loopback ports of the stack's four servers."""
+    """Loopback ports of the stack's servers (Prometheus's only used with monitoring)."""
 
     client: int = 8080
     homeserver: int = 8008
     sidecar: int = 8009
     postgres: int = 54329
+    prometheus: int = 9090
 
     @classmethod
     def from_env(cls) -> Ports:
@@ -52,18 +55,17 @@ class Ports:
         return cls(
             **{
                 name: int(os.environ.get(f"STACK_{name.upper()}_PORT", getattr(defaults, name)))
-                for name in ("client", "homeserver", "sidecar", "postgres")
+                for name in PORT_NAMES
             }
         )
 
     @classmethod
     def free(cls) -> Ports:
-        """Four ports nobody listens on right now."""
+        """Ports nobody listens on right now."""
         chosen: set[int] = set()
-        while len(chosen) < 4:
+        while len(chosen) < len(PORT_NAMES):
             chosen.add(procs.free_port())
-        client, homeserver, sidecar, postgres = sorted(chosen)
-        return cls(client=client, homeserver=homeserver, sidecar=sidecar, postgres=postgres)
+        return cls(**dict(zip(PORT_NAMES, sorted(chosen), strict=True)))
 
 
 @dataclass
@@ -90,6 +92,8 @@ class Stack:
     # A homeserver of the user's own (plain HTTP, e.g. http://127.0.0.1:8008) instead of a
     # local Synapse.
     external_homeserver: str | None = None
+    # Prometheus too, scraping the sidecar with deploy/prometheus/alerts.yml.
+    monitoring: bool = False
     # The processes this `up` started, by name: their exit status says whether they still run.
     children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, repr=False)
 
@@ -106,6 +110,10 @@ class Stack:
     @property
     def sidecar_url(self) -> str:
         return f"http://127.0.0.1:{self.ports.sidecar}"
+
+    @property
+    def prometheus_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.prometheus}"
 
     @property
     def synapse_log(self) -> Path:
@@ -125,6 +133,7 @@ class Stack:
             f"HOMESERVER_URL={self.homeserver_url}",
             f"SIDECAR_URL={self.sidecar_url}",
             f"REGISTRATION_SHARED_SECRET={self.registration_shared_secret}",
+            *([f"PROMETHEUS_URL={self.prometheus_url}"] if self.monitoring else []),
         ]
 
     def running(self) -> dict[str, bool]:
@@ -143,6 +152,7 @@ class Stack:
             "ports": asdict(self.ports),
             "registration_shared_secret": self.registration_shared_secret,
             "external_homeserver": self.external_homeserver,
+            "monitoring": self.monitoring,
             "processes": {name: asdict(proc) for name, proc in self.processes.items()},
         }
         path = self.dir / STATE_FILE
@@ -160,6 +170,7 @@ class Stack:
             ports=Ports(**data["ports"]),
             registration_shared_secret=data["registration_shared_secret"],
             external_homeserver=data.get("external_homeserver"),
+            monitoring=bool(data.get("monitoring", False)),
             processes={name: Process(**proc) for name, proc in data["processes"].items()},
         )
 
@@ -174,6 +185,7 @@ class Stack:
         *,
         appservice: bool = False,
         homeserver_url: str | None = None,
+        monitoring: bool = False,
     ) -> Stack:
         """Start everything in `directory` and wait until it answers; stop it all on failure."""
         directory = directory.resolve()
@@ -189,10 +201,13 @@ class Stack:
             ports=ports or Ports.from_env(),
             appservice=appservice,
             external_homeserver=external,
+            monitoring=monitoring,
         )
         needed = asdict(stack.ports)
         if external is not None:
             del needed["homeserver"]
+        if not monitoring:
+            del needed["prometheus"]
         taken = [str(p) for p in needed.values() if not procs.port_is_free(p)]
         if taken:
             raise StackError(f"port(s) already in use on 127.0.0.1: {', '.join(taken)}")
@@ -203,6 +218,8 @@ class Stack:
                 stack._start_synapse(log)
             stack._start_sidecar(log)
             stack._start_nginx(log)
+            if monitoring:
+                stack._start_prometheus(log)
         except BaseException:
             print("start-up failed; stopping what was started", file=log)
             stack.down(log)
@@ -210,7 +227,7 @@ class Stack:
         return stack
 
     def _fresh_dirs(self) -> None:
-        for name in ("postgres", "synapse", "sidecar", "nginx"):
+        for name in ("postgres", "synapse", "sidecar", "nginx", "prometheus"):
             shutil.rmtree(self.dir / name, ignore_errors=True)
         (self.dir / STATE_FILE).unlink(missing_ok=True)
         if os.geteuid() == 0:
@@ -318,6 +335,15 @@ class Stack:
         self._record("nginx", process.pid, nginx.MARKER, process)
         self._wait("nginx", f"{self.client_url}/_matrix/client/versions", 30.0, config.error_log)
 
+    def _start_prometheus(self, log: TextIO) -> None:
+        print(f"starting Prometheus on {self.prometheus_url}", file=log)
+        config = prometheus.configure(
+            self.dir / "prometheus", self.ports.prometheus, self.ports.sidecar
+        )
+        process = prometheus.start(config)
+        self._record("prometheus", process.pid, prometheus.MARKER, process)
+        self._wait("prometheus", f"{self.prometheus_url}/-/ready", 60.0, config.log)
+
     def _wait(self, name: str, url: str, timeout: float, log_path: Path) -> None:
         process = self.processes[name]
         child = self.children.get(name)
@@ -405,7 +431,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser("up", parents=[common], help="start the stack and print its URLs")
     defaults = Ports.from_env()
-    for name in ("client", "homeserver", "sidecar", "postgres"):
+    for name in PORT_NAMES:
         up.add_argument(
             f"--{name}-port",
             type=int,
@@ -421,6 +447,11 @@ def _parser() -> argparse.ArgumentParser:
         "--appservice",
         action="store_true",
         help="application-service mode: Synapse loads the sidecar's registration",
+    )
+    up.add_argument(
+        "--monitoring",
+        action="store_true",
+        help="also start Prometheus, scraping the sidecar with deploy/prometheus/alerts.yml",
     )
     commands.add_parser("down", parents=[common], help="stop what `up` started")
     commands.add_parser("status", parents=[common], help="show what runs and the URLs")
@@ -438,11 +469,13 @@ def main(argv: list[str] | None = None) -> int:
     directory: Path = args.dir.resolve()
     try:
         if args.command == "up":
-            ports = Ports(
-                args.client_port, args.homeserver_port, args.sidecar_port, args.postgres_port
-            )
+            ports = Ports(**{name: getattr(args, f"{name}_port") for name in PORT_NAMES})
             stack = Stack.up(
-                directory, ports, appservice=args.appservice, homeserver_url=args.homeserver_url
+                directory,
+                ports,
+                appservice=args.appservice,
+                homeserver_url=args.homeserver_url,
+                monitoring=args.monitoring,
             )
             print("\n".join(stack.env_lines()))
             print(

@@ -435,3 +435,76 @@ def test_the_access_log_holds_no_access_token(proxy: Proxy) -> None:
     assert f'"GET {sync}?(query left out: it holds access tokens) HTTP/1.1" 200 ' in log
     assert f'"GET {sync}?x=1#&access_token=REDACTED HTTP/1.1" 400 ' in log
     assert f'"PUT {send}?org.matrix.msc4140.delay=10&access_token=REDACTED HTTP/1.1" 200 ' in log
+
+
+# Request targets nginx itself cannot parse (bad or NUL percent-escapes), on paths the shipped
+# configuration serves: nginx answers 400 before any location is chosen. The answer is a Matrix
+# error, and nothing reaches either upstream.
+MALFORMED = {
+    "bad escape in room": f"/_matrix/client/v3/rooms/%zz/send/m.room.message/t1?{LONG}",
+    "NUL in room": "/_matrix/client/v3/rooms/%00/send/m.room.message/t1",
+    "NUL in state key": f"{STATE}/k%00?{LONG}",
+    "cut escape": f"{SEND}/t1%2",
+    "bad escape, management": "/_matrix/client/v1/delayed_events/%zz/restart",
+    "NUL, lookup": "/_matrix/client/unstable/org.matrix.msc4140/delayed_events/%00",
+    "bad escape, discovery": "/_matrix/client/versions%G0",
+    "bad escape, homeserver": "/_matrix/client/v3/sync%zz",
+}
+
+
+@pytest.mark.parametrize("target", MALFORMED.values(), ids=MALFORMED.keys())
+@pytest.mark.parametrize("method", ["PUT", "GET", "POST"])
+def test_malformed_targets_get_matrix_errors(proxy: Proxy, method: str, target: str) -> None:
+    proxy.recorder.take()
+    answer = raw_call(proxy.url, method, target)
+    assert (answer.status, proxy.recorder.take()) == (400, []), answer
+    assert answer.content_type == "application/json"
+    assert answer.json() == {"errcode": "M_INVALID_PARAM", "error": "Malformed request"}
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "headers"),
+    [
+        ("BAD\x01", "/_matrix/client/versions", {}),
+        ("GET", "/_matrix/client/versions\x00", {}),
+        ("GET", "/_matrix/client/versions", {"Host": "other.example"}),  # a second Host
+    ],
+    ids=["control in method", "NUL after target", "two Host headers"],
+)
+def test_unparsable_requests_get_matrix_errors(
+    proxy: Proxy, method: str, target: str, headers: dict[str, str]
+) -> None:
+    proxy.recorder.take()
+    answer = raw_call(proxy.url, method, target, headers=headers)
+    assert (answer.status, proxy.recorder.take()) == (400, []), answer
+    assert answer.content_type == "application/json"
+    assert answer.json()["errcode"] == "M_INVALID_PARAM"
+
+
+def test_an_overlong_uri_gets_a_matrix_error(proxy: Proxy) -> None:
+    answer = raw_call(proxy.url, "GET", "/_matrix/client/v3/sync?since=" + "a" * 20_000)
+    assert answer.status == 414
+    assert answer.content_type == "application/json"
+    assert answer.json()["errcode"] == "M_TOO_LARGE"
+
+
+@pytest.mark.parametrize(
+    ("target", "upstream"),
+    [
+        (f"/_matrix/client/v3/rooms/{ROOM}//send/m.room.message/t1", "homeserver"),
+        ("/_matrix/client/v3/rooms//send/m.room.message/t1", "homeserver"),
+        ("/_matrix/client/v1/delayed_events//restart", "sidecar"),
+    ],
+)
+def test_empty_segments_still_pass_unchanged(proxy: Proxy, target: str, upstream: str) -> None:
+    """Requests nginx can parse are not touched by the error pages: they reach their upstream
+    byte for byte, which answers them itself."""
+    status, body, seen = raw_route(proxy, "PUT", target)
+    assert status == 200, body
+    assert seen == [(upstream, "PUT", target)]
+
+
+def test_internal_error_locations_are_not_reachable(proxy: Proxy) -> None:
+    status, seen = route(proxy, "GET", "/_delayed_events_sidecar/error-400")
+    assert status == 404
+    assert seen == []

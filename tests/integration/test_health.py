@@ -10,6 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.integration.common import (
     ALICE,
     BOB,
+    ROOM,
+    ROOM_PATH,
     UNSTABLE,
     V1,
     act,
@@ -161,5 +163,41 @@ async def test_metrics_carry_no_identifiers(client: httpx.AsyncClient, app: Fast
     delay_id = await schedule_message(client, 0)
     assert await run_due(app) == 1
     r = await client.get("/metrics")
-    for secret in ("alice", "room", delay_id, "alice_token"):
+    # Route templates name their parameters ({room}), never their values.
+    for secret in ("alice", ROOM, ROOM_PATH, "!room", delay_id, "alice_token"):
         assert secret not in r.text
+
+
+async def test_oldest_overdue_age_follows_the_unsent_event(
+    client: httpx.AsyncClient, app: FastAPI, clock: FakeClock, homeserver: FakeHomeserver
+) -> None:
+    overdue = "sidecar_oldest_overdue_event_age_seconds"
+    await schedule_message(client, 1000, txn="a")
+    await schedule_message(client, 60_000, txn="b")
+    assert value(await scrape(client), overdue) == 0
+    clock.advance(1000)
+    homeserver.fail_next.append(httpx.Response(503, json={"errcode": "M_UNKNOWN", "error": "x"}))
+    assert await run_due(app) == 1  # put off: its due time moves on, its send time does not
+    clock.advance(4000)
+    assert value(await scrape(client), overdue) == pytest.approx(4.0)
+    clock.advance(60_000)
+    assert await run_due(app) == 2
+    assert value(await scrape(client), overdue) == 0
+
+
+async def test_build_pool_and_request_metrics(client: httpx.AsyncClient, app: FastAPI) -> None:
+    delay_id = await schedule_message(client, 60_000)
+    heartbeat = f"{UNSTABLE}/delayed_events/{delay_id}/restart"
+    assert (await client.post(heartbeat, json={}, headers=ALICE)).status_code == 200
+    assert (await client.get("/no/such/route")).status_code == 404
+    samples = await scrape(client)
+    assert any(name == "sidecar_build_info" and value == 1 for (name, _), value in samples.items())
+    assert ("sidecar_database_pool_connections_in_use", ()) in samples
+    duration = "sidecar_http_request_duration_seconds_count"
+    routes = {dict(labels)["route"] for (name, labels) in samples if name == duration}
+    assert routes >= {
+        "/_matrix/client/unstable/org.matrix.msc4140/delayed_events/{delay_id}/restart",
+        "unmatched",
+    }
+    assert any(route.endswith("/send/{event_type}/{txn_id}") for route in routes)
+    assert not any(delay_id in route for route in routes)  # templates, never the raw path

@@ -4,9 +4,11 @@ whatever endpoint is called and however the replay goes."""
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Iterator
 from typing import Any
+from unittest.mock import patch
 
 import httpx
 import pytest
@@ -27,14 +29,21 @@ def settings_overrides() -> dict[str, Any]:
     return {"retry_window_seconds": 10.0, "log_level": "DEBUG"}
 
 
-@pytest.fixture
-def logs(caplog: pytest.LogCaptureFixture, database_url: str) -> Iterator[pytest.LogCaptureFixture]:
-    """Every record at DEBUG, from every logger, under the levels `serve` configures."""
+@pytest.fixture(params=["text", "json"])
+def logs(
+    request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture, database_url: str
+) -> Iterator[pytest.LogCaptureFixture]:
+    """Every record at DEBUG, from every logger, under the levels and the format (text or JSON)
+    `serve` configures; what that handler writes is kept as `caplog.written`."""
     root = logging.getLogger()
     saved = {name: logging.getLogger(name).level for name in ("httpx", "apscheduler", "sqlalchemy")}
     handlers = list(root.handlers)
     caplog.set_level(logging.DEBUG)
-    _configure_logging(make_settings(database_url, log_level="DEBUG"))
+    written = io.StringIO()
+    settings = make_settings(database_url, log_level="DEBUG", log_format=request.param)
+    with patch("sys.stderr", written):
+        _configure_logging(settings)
+    caplog.written = written  # type: ignore[attr-defined]
     try:
         yield caplog
     finally:
@@ -46,9 +55,14 @@ def logs(caplog: pytest.LogCaptureFixture, database_url: str) -> Iterator[pytest
 
 
 def log_text(caplog: pytest.LogCaptureFixture) -> str:
-    """The formatted records (tracebacks included) and every attribute a structured formatter
-    could print."""
-    return caplog.text + "\n".join(repr(vars(record)) for record in caplog.records)
+    """The formatted records (tracebacks included), every attribute a structured formatter
+    could print, and what the configured handler wrote."""
+    written: io.StringIO = caplog.written  # type: ignore[attr-defined]
+    return (
+        caplog.text
+        + "\n".join(repr(vars(record)) for record in caplog.records)
+        + written.getvalue()
+    )
 
 
 class Session:

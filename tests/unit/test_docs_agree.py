@@ -71,9 +71,9 @@ def test_the_check_catches_a_missing_an_extra_and_a_wrong_row() -> None:
     missing = re.sub(r"^\| `SIDECAR_LOG_LEVEL` .*\n", "", text, flags=re.M)
     assert table_problems(missing) == ["SIDECAR_LOG_LEVEL has no row"]
     extra = text.replace(
-        "| `SIDECAR_LOG_LEVEL` |", "| `SIDECAR_LOG_FORMAT` | `json` | |\n| `SIDECAR_LOG_LEVEL` |"
+        "| `SIDECAR_LOG_LEVEL` |", "| `SIDECAR_LOG_COLOUR` | `on` | |\n| `SIDECAR_LOG_LEVEL` |"
     )
-    assert table_problems(extra) == ["SIDECAR_LOG_FORMAT has a row but is not a setting"]
+    assert table_problems(extra) == ["SIDECAR_LOG_COLOUR has a row but is not a setting"]
     wrong = text.replace(
         "| `SIDECAR_MAX_BODY_BYTES` | `65536` |", "| `SIDECAR_MAX_BODY_BYTES` | `1` |"
     )
