@@ -335,6 +335,25 @@ def test_encoded_dot_segments_with_a_delay_are_refused(proxy: Proxy, target: str
     assert body["errcode"] == "M_UNRECOGNIZED"
 
 
+# Empty segments: nginx merges `//` (and `%2F/`, decoded first) before it matches locations, so the
+# path it routes on is no longer a send/state path, while the homeserver reads the raw one.
+EMPTY_SEGMENTS = {
+    "empty room": f"/_matrix/client/v3/rooms//send/m.room.message/t1?{LONG}",
+    "empty type": f"/_matrix/client/v3/rooms/{ROOM}/send//t1?{LONG}",
+    "state //key": f"{STATE}//k?{LONG}",
+    "encoded slash room": f"/_matrix/client/v3/rooms/%2F/send/m.room.message/t1?{LONG}",
+    "slash, encoded slash": f"/_matrix/client/v3/rooms/{ROOM}/%2F/send/m.room.message/t1?{LONG}",
+}
+
+
+@pytest.mark.parametrize("target", EMPTY_SEGMENTS.values(), ids=EMPTY_SEGMENTS.keys())
+def test_empty_segments_with_a_delay_are_refused(proxy: Proxy, target: str) -> None:
+    status, body, seen = raw_route(proxy, "PUT", target)
+    assert (status, seen) == (400, []), body
+    assert isinstance(body, dict)
+    assert body["errcode"] == "M_UNRECOGNIZED"
+
+
 FORM = "application/x-www-form-urlencoded"
 FORM_TYPES = {
     "urlencoded": FORM,

@@ -92,15 +92,17 @@ def test_tokens_in_the_query_reach_no_log(stack: Stack, alice: Account, room: Ro
     not in the sidecar's log."""
     token = alice.access_token
     base = f"/_matrix/client/v3/{room.path}"
-    spellings = ["access_token", "access%5Ftoken", "ACCESS_TOKEN"]
+    # The first two are the token (the name decoded); the homeserver reads no upper-case name, so
+    # that request carries the token in its header too (both ways at once would be refused).
+    spellings = {"access_token": None, "access%5Ftoken": None, "ACCESS_TOKEN": token}
     delay_ids = []
-    for name in spellings:
+    for name, header in spellings.items():
         answer = call(
             stack.client_url,
             "PUT",
             f"{base}/send/m.room.message/{unique('t')}?{DELAY}=600000&{name}={token}",
             {"msgtype": "m.text", "body": "later"},
-            token=token,
+            token=header,
         )
         assert answer.status == 200, answer
         delay_ids.append(answer.json()["delay_id"])
