@@ -1,7 +1,8 @@
 """The heartbeat beside other users' load, on one sidecar: open-loop restarts with their owners'
 tokens (bench/loadgen.py) at a fixed rate, measured alone and then beside
 - `lookup`: another user paging through 1,000 finalised events of 64 KiB content
-  (`status=finalised&limit=1000`, following next_batch, over and over), and/or
+  (`status=finalised&limit=1000`, following next_batch, over and over),
+- `history`: the same user paging through the same events with MSC4486's lookup, and/or
 - `flood`: tokenless restarts of random delay_ids at a high rate (half of the tagged length, half
   of the untagged form ids had before they carried a tag).
 
@@ -169,18 +170,26 @@ def loadgen(port: int, targets: Path, rate: float, duration: float) -> subproces
     )
 
 
-async def page_forever(sidecar: str, stop: asyncio.Event, seen: dict[str, float]) -> None:
+# What the pager pages through: the msc4140 list of finalised events, or MSC4486's lookup.
+PAGER_LISTS = {
+    "lookup": f"{UNSTABLE}/delayed_events?status=finalised&limit=1000",
+    "history": "/_matrix/client/unstable/org.matrix.msc4486/delayed_events?limit=1000",
+}
+
+
+async def page_forever(
+    sidecar: str, listing: str, stop: asyncio.Event, seen: dict[str, float]
+) -> None:
     import httpx
 
     headers = {"Authorization": "Bearer pager"}
-    query = "status=finalised&limit=1000"
     async with httpx.AsyncClient(base_url=sidecar, timeout=120) as client:
         while not stop.is_set():
             token = None
             while not stop.is_set():
                 suffix = f"&from={token}" if token else ""
                 started = time.perf_counter()
-                r = await client.get(f"{UNSTABLE}/delayed_events?{query}{suffix}", headers=headers)
+                r = await client.get(f"{listing}{suffix}", headers=headers)
                 seen["pages"] += 1
                 seen["bytes"] += len(r.content)
                 seen["slowest_page_s"] = max(seen["slowest_page_s"], time.perf_counter() - started)
@@ -195,8 +204,9 @@ async def phase(
     stop = asyncio.Event()
     seen = {"pages": 0.0, "bytes": 0.0, "slowest_page_s": 0.0}
     pager = None
-    if "lookup" in name:
-        pager = asyncio.create_task(page_forever(f"http://127.0.0.1:{port}", stop, seen))
+    if name in PAGER_LISTS:
+        sidecar = f"http://127.0.0.1:{port}"
+        pager = asyncio.create_task(page_forever(sidecar, PAGER_LISTS[name], stop, seen))
         await asyncio.sleep(1)  # the pager is under way before the heartbeat starts
     flooder = loadgen(port, flood, args.flood_rate, args.duration + 1) if flood else None
     heartbeat = loadgen(port, targets, args.rate, args.duration)
@@ -254,7 +264,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 "rate": args.rate,
                 "duration_s": args.duration,
             }
-            phases = ["alone"] + [p for p in ("lookup", "flood") if p in args.beside]
+            phases = ["alone"] + [p for p in ("lookup", "history", "flood") if p in args.beside]
             for name in phases:
                 results[name] = await phase(
                     name, port, args, targets, flood if name == "flood" else None
@@ -277,7 +287,7 @@ if __name__ == "__main__":
         homeserver(int(sys.argv[2]))
         sys.exit(0)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("beside", nargs="+", choices=["lookup", "flood"])
+    parser.add_argument("beside", nargs="+", choices=["lookup", "history", "flood"])
     parser.add_argument("--rate", type=float, default=300.0, help="heartbeat restarts/s")
     parser.add_argument("--flood-rate", type=float, default=5000.0)
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per phase")
