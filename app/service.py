@@ -389,8 +389,9 @@ class DelayedEventService:
 
 # A page of a lookup stops once its items pass this size: a page of 1,000 events of 64 KiB
 # content would otherwise be read and rendered (about 100 MB) in one go, holding up every other
-# request of the process meanwhile.
-PAGE_BYTES = 1 << 20
+# request of the process meanwhile. 256 KiB keeps each page's hold on the event loop to a few
+# milliseconds (docs/benchmarks.md, "Contention").
+PAGE_BYTES = 1 << 18
 
 
 @dataclass(frozen=True, slots=True)
