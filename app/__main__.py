@@ -4,10 +4,14 @@ appservice-registration --server-name NAME [--output FILE] | admin ...`, or `--v
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import logging
+import math
+import signal
 import sys
 from pathlib import Path
+from types import FrameType
 
 from app.settings import Settings, SettingsError, load_database_settings, load_settings
 from app.version import DISTRIBUTION, version
@@ -39,18 +43,38 @@ def _configure_logging(settings: Settings) -> None:
 
 
 def serve(settings: Settings) -> None:
+    """Serve until SIGTERM or SIGINT. SIGTERM starts the drain at once (`app.main.Drain`: `/ready`
+    answers 503, nothing more is claimed, claims not at the homeserver are given back), goes on
+    serving for `SIDECAR_DRAIN_SECONDS` so that load balancers see the 503 and send requests
+    elsewhere, then stops accepting connections; requests still open get the homeserver timeout
+    plus 5 s, and the lifespan's end waits for the drain before it gives up the replica lock. A
+    second SIGTERM, or SIGINT, skips the wait."""
     import uvicorn
 
     from app.api.middleware import http_protocol
-    from app.main import create_app
+    from app.main import Drain, create_app
 
     _configure_logging(settings)
-    logging.getLogger(__name__).info("%s %s starting", DISTRIBUTION, version())
+    log = logging.getLogger(__name__)
+    log.info("%s %s starting", DISTRIBUTION, version())
     app = create_app(settings)
-    # What start-up built lives as long as the process: keep it out of the collector's full
-    # passes, which otherwise walk it all again and again under load.
-    gc.freeze()
-    uvicorn.run(
+    drain: Drain = app.state.drain
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if sig != signal.SIGTERM or drain.started:
+                super().handle_exit(sig, frame)
+                return
+            try:
+                loop = asyncio.get_running_loop()
+                drain.start()
+            except RuntimeError:  # not serving yet: nothing to drain
+                super().handle_exit(sig, frame)
+                return
+            log.info("SIGTERM: draining; serving %.1f s more", settings.drain_seconds)
+            loop.call_later(settings.drain_seconds, super().handle_exit, sig, frame)
+
+    config = uvicorn.Config(
         app,
         host=settings.listen_host,
         port=settings.listen_port,
@@ -61,7 +85,15 @@ def serve(settings: Settings) -> None:
         proxy_headers=True,
         server_header=False,
         http=http_protocol(),
+        timeout_graceful_shutdown=math.ceil(settings.homeserver_timeout_seconds) + 5,
     )
+    # What start-up built lives as long as the process: keep it out of the collector's full
+    # passes, which otherwise walk it all again and again under load.
+    gc.freeze()
+    server = Server(config)
+    server.run()
+    if not server.started:
+        sys.exit(3)  # as uvicorn.run: start-up failed
 
 
 def main(argv: list[str] | None = None) -> int:

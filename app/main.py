@@ -3,6 +3,7 @@ scheduler."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -92,6 +93,54 @@ def build_container(
     )
 
 
+class Drain:
+    """A replica shutting down, in order: `/ready` answers 503 and nothing more is claimed from
+    the first moment (`start`, synchronous, so a signal handler can call it); every claim not yet
+    at the homeserver is given back, free and due now, for the other replicas; the sends already
+    at the homeserver are answered (each within the homeserver timeout) and their outcomes
+    written. The replica lock is given up only after that, by the lifespan's end."""
+
+    def __init__(self, container: Container) -> None:
+        self._container = container
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._task is not None
+
+    def start(self) -> None:
+        if self._task is not None:
+            return
+        self._container.scheduler.drain()
+        self._container.service.replayer.draining = True
+        self._task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def wait(self) -> None:
+        """Start the drain if it hasn't started, and wait until it is done."""
+        self.start()
+        assert self._task is not None
+        await asyncio.shield(self._task)
+
+    async def _drain(self) -> None:
+        settings = self._container.settings
+        logger.info("draining: claiming nothing more; /ready answers 503")
+        # A send may be tried twice (a device logged out meanwhile: again as the user), then its
+        # outcome written.
+        timeout = 2 * settings.homeserver_timeout_seconds + 5
+        try:
+            done = await self._container.service.replayer.drain(timeout)
+        except Exception:
+            logger.exception("draining failed; claims left are taken over once the lock is gone")
+            return
+        if done:
+            logger.info("drained: every send answered and its outcome written")
+        else:
+            logger.warning(
+                "sends still unanswered after %.0f s; they are taken over once the lock is gone",
+                timeout,
+            )
+
+
 def _rate_limits(settings: Settings, clock: Clock) -> RateLimits:
     def now() -> float:
         return clock.now_ms() / 1000
@@ -122,6 +171,7 @@ def create_app(
     """The ASGI application. Tests pass a fake clock and transport, and may leave the scheduler
     stopped to drive replays themselves."""
     container = build_container(settings, clock=clock, transport=transport)
+    drain = Drain(container)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -134,6 +184,8 @@ def create_app(
         try:
             yield
         finally:
+            # No new requests come in now; a SIGTERM has started the drain already (`serve`).
+            await drain.wait()
             container.scheduler.shutdown()
             if liveness is not None:
                 await liveness.stop()
@@ -147,6 +199,7 @@ def create_app(
         redirect_slashes=False,
     )
     app.state.container = container
+    app.state.drain = drain
     # Routes are matched in order: the heartbeat's (manage) first.
     for module in (manage, schedule, history, proxy, health, admin):
         app.include_router(module.router)

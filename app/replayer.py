@@ -101,20 +101,43 @@ class Replayer:
         # Requests at the homeserver at once, over every room (one request holds one slot, and
         # nothing holding a slot waits for another).
         self._slots = asyncio.Semaphore(settings.replay_concurrency)
+        # Set once the replica is shutting down (`drain`): nothing more is claimed.
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def run_due(self) -> int | None:
         """Replay every event that is due, earliest send time first, until none is due and every
         one claimed is handled; how many were handled. While a run is going on, another call
         only tells it that more may be due (and answers None at once): the run claims those as
         it has room, so a busy room never holds up the others."""
+        if self.draining:
+            return 0
         if self._run is not None:
             self._run.poke()
             return None
         self._run = run = _Run(self)
+        self._idle.clear()
         try:
             return await run.go()
         finally:
             self._run = None
+            self._idle.set()
+
+    async def drain(self, timeout: float) -> bool:
+        """The replica is shutting down: claim nothing more, give every claim not yet at the
+        homeserver back at once (free and due now, for any replica to take), and wait, at most
+        `timeout` seconds, for the sends already at the homeserver to be answered and their
+        outcomes written. True if the run ended in time."""
+        self.draining = True
+        run = self._run
+        if run is not None:
+            await run.drain()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     async def settle(self, delay_id: str, timeout: float) -> None:
         """Wait, at most `timeout` seconds, until this replica's run is done with `delay_id`
@@ -592,6 +615,18 @@ class _Run:
         """Something may have fallen due: claim again as soon as there is room."""
         self._changed.set()
 
+    async def drain(self) -> None:
+        """Give back every claim whose send has not reached its re-check (`before_send`); the
+        rooms skip those events, the sends past it finish, and the run ends."""
+        released = await self._keeper.give_back()
+        in_flight = len(self._keeper)
+        logger.info(
+            "draining: gave back %d claimed events; %d sends still at the homeserver",
+            released,
+            in_flight,
+        )
+        self._changed.set()
+
     def _written(self, outcomes: list[repo.SentOutcome]) -> None:
         """Outcomes the writer has written (or failed to: their claims then lapse)."""
         for outcome in outcomes:
@@ -651,6 +686,8 @@ class _Run:
 
     async def _claim(self, limit: int) -> int:
         replayer = self._replayer
+        if replayer.draining:
+            return 0
         now = replayer.clock.now_ms()
         async with replayer.engine.begin() as conn:
             # The claims of a replica that is gone are taken over at once, not at their lease's end.
@@ -659,6 +696,10 @@ class _Run:
             devices = {(e.user_id, e.device_id) for e in events}
             blobs = await repo.load_tokens(conn, devices)
         if not events:
+            return 0
+        if replayer.draining:
+            # The drain began while this claim was on its way: give it back at once.
+            await self._keeper.give_back([_ClaimKeeper._key(e) for e in events])
             return 0
         # The tokens and their counts go in together, with nothing awaited in between: an event
         # of the same device handled meanwhile must not drop the token just loaded.
@@ -733,6 +774,9 @@ class _ClaimKeeper:
     def __init__(self, replayer: Replayer) -> None:
         self._replayer = replayer
         self._held: set[tuple[str, str]] = set()  # (delay_id, claim_id)
+        # Held claims whose send got past `still_ours` in `before_send`: a drain leaves them to
+        # finish.
+        self._sending: set[tuple[str, str]] = set()
         self._renewed_at: int | None = None
         self._lock = asyncio.Lock()
         self._timer: asyncio.Task[None] | None = None
@@ -756,6 +800,7 @@ class _ClaimKeeper:
 
     def done(self, event: DelayedEvent) -> None:
         self._held.discard(self._key(event))
+        self._sending.discard(self._key(event))
         if not self._held:
             self._renewed_at = None
 
@@ -770,6 +815,9 @@ class _ClaimKeeper:
         its lease renewed if so."""
         if not await self.still_ours(event):
             return False
+        # Nothing is awaited between the check above and this: a drain either gave the claim
+        # back before (not held) or leaves this send to finish.
+        self._sending.add(self._key(event))
         replayer = self._replayer
         due_ts = replayer.clock.now_ms() + replayer._lease_ms
         async with replayer.engine.begin() as conn:
@@ -777,6 +825,23 @@ class _ClaimKeeper:
         if not held:
             self._held.discard(self._key(event))
         return held
+
+    async def give_back(self, claims: Iterable[tuple[str, str]] | None = None) -> int:
+        """Let go of `claims` (by default every held claim whose send has not reached
+        `before_send`): their rows become free and due now, for any replica to take; how many
+        rows were given back. From now on no send gets past `before_send` under a claim given
+        back."""
+        if claims is None:
+            claims = self._held - self._sending
+        given = sorted(claims)
+        self._held.difference_update(given)
+        if not self._held:
+            self._renewed_at = None
+        if not given:
+            return 0
+        replayer = self._replayer
+        async with replayer.engine.begin() as conn:
+            return await repo.release_claims(conn, given, replayer.clock.now_ms())
 
     async def renew_if_due(self) -> None:
         if self._due_for_renewal():

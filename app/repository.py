@@ -469,6 +469,32 @@ async def release(conn: AsyncConnection, event: DelayedEvent) -> None:
     )
 
 
+_RELEASE_CLAIMS = text(
+    """
+    UPDATE delayed_event AS e SET claim_id = NULL, due_ts = :now
+    FROM unnest(CAST(:delay_ids AS text[]), CAST(:claim_ids AS text[])) AS c (delay_id, claim_id)
+    WHERE e.delay_id = c.delay_id AND e.claim_id = c.claim_id AND e.status = :scheduled
+    """
+)
+
+
+async def release_claims(conn: AsyncConnection, claims: list[tuple[str, str]], now: int) -> int:
+    """Give these (delay_id, claim_id) back, free and due now (a replica shutting down leaves
+    them to the others); how many rows still carried their claim."""
+    if not claims:
+        return 0
+    result = await conn.execute(
+        _RELEASE_CLAIMS,
+        {
+            "now": now,
+            "scheduled": SCHEDULED,
+            "delay_ids": [delay_id for delay_id, _ in claims],
+            "claim_ids": [claim_id for _, claim_id in claims],
+        },
+    )
+    return int(result.rowcount)
+
+
 async def next_due(conn: AsyncConnection) -> int | None:
     """The earliest time any scheduled event wants attention. A state event waiting for an
     earlier one of its key wants none: it becomes claimable when that one is finalised, and the

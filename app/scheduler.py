@@ -48,6 +48,7 @@ class WakeUpScheduler:
         self._check_seconds = check_seconds
         self._scheduler = AsyncIOScheduler(timezone=UTC)
         self.wake_at: int | None = None
+        self._draining = False
 
     @property
     def running(self) -> bool:
@@ -82,13 +83,26 @@ class WakeUpScheduler:
         self.wake_at = None
         self.wake(self._clock.now_ms())
 
+    @property
+    def draining(self) -> bool:
+        """The replica is shutting down: no wake-up, sweep or check runs any more."""
+        return self._draining
+
+    def drain(self) -> None:
+        """Stop every job from starting again (a job already running goes on; the replayer's
+        drain ends its run); `wake` does nothing from now on."""
+        self._draining = True
+        self.wake_at = None
+        if self._scheduler.running:
+            self._scheduler.pause()
+
     def shutdown(self) -> None:
         if self._scheduler.running:
             self._scheduler.shutdown(wait=False)
 
     def wake(self, at_ms: int) -> None:
         """Make sure the scheduler wakes by `at_ms`; a later time than the one set is a no-op."""
-        if self.wake_at is not None and self.wake_at <= at_ms:
+        if self._draining or (self.wake_at is not None and self.wake_at <= at_ms):
             return
         self.wake_at = at_ms
         if not self._scheduler.running:
@@ -118,16 +132,22 @@ class WakeUpScheduler:
             self.wake(next_due)
 
     async def _check_job(self) -> None:
-        """Free the claims of replicas that are gone, and replay them now if there were any."""
+        """Free the claims of replicas that are gone, and replay them now if there were any, or
+        if anything else is due that this replica was not woken for (claims a replica gave back
+        when it shut down, events scheduled through another replica)."""
         assert self._free_dead_claims is not None
         try:
             freed = await self._free_dead_claims()
+            next_due = None if freed else await self._next_due()
         except Exception:
             logger.exception("checking for the claims of replicas that are gone failed")
             return
+        now = self._clock.now_ms()
         if freed:
             logger.info("took over %d events claimed by a replica that is gone", freed)
-            self.wake(self._clock.now_ms())
+            self.wake(now)
+        elif next_due is not None and next_due <= now:
+            self.wake(next_due)
 
     async def _prune_job(self) -> None:
         try:

@@ -108,6 +108,9 @@ class Settings(DatabaseSettings):
     # once a peer's check (every `liveness_check_seconds`) sees its lock gone.
     claim_lease_seconds: float = Field(default=30.0, gt=0)
     liveness_check_seconds: float = Field(default=1.0, gt=0)
+    # After SIGTERM: how long a replica goes on serving, with `/ready` answering 503, before it
+    # stops accepting connections (docs/reliability.md, "Drain").
+    drain_seconds: float = Field(default=5.0, ge=0)
     retry_window_seconds: float = Field(default=3600.0, gt=0)
     retry_max_backoff_seconds: float = Field(default=60.0, gt=0)
     replay_concurrency: int = Field(default=16, ge=1, le=256)

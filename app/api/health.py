@@ -31,10 +31,17 @@ async def health() -> Response:
     return PlainTextResponse("OK")
 
 
-@router.get("/ready", summary="The database answers and the scheduler runs")
+@router.get(
+    "/ready", summary="The database answers and the scheduler runs (503 while shutting down)"
+)
 async def ready(request: Request) -> Response:
     c = container(request)
-    checks = {"database": "ok", "scheduler": "ok" if c.scheduler.running else "stopped"}
+    if c.scheduler.draining:
+        # Shutting down: the load balancer sends new requests elsewhere.
+        status = "draining"
+    else:
+        status = "ok" if c.scheduler.running else "stopped"
+    checks = {"database": "ok", "scheduler": status}
     try:
         async with asyncio.timeout(_DB_CHECK_SECONDS):
             async with c.engine.connect() as conn:
