@@ -564,6 +564,9 @@ def unit_problems(text: str) -> list[str]:
     starts = [v for k, v in service if k == "ExecStart"]
     if starts != [f"{SYSTEMD_PREFIX}/bin/python -m app serve"]:
         problems.append(f"ExecStart runs {starts}")
+    stops = [v for k, v in service if k == "TimeoutStopSec"]
+    if not stops or not stops[-1].endswith("s") or float(stops[-1][:-1]) < drain_bound():
+        problems.append(f"TimeoutStopSec={stops} cuts a drain ({drain_bound()} s) short")
     known = {ENV_PREFIX + f.upper() for f in Settings.model_fields}
     known |= {ENV_PREFIX + f.upper() + "_FILE" for f in SECRET_SETTINGS}
     for key, value in service:
@@ -688,6 +691,14 @@ def env_problems(where: str, container: dict[str, Any], needed: set[str]) -> lis
     return problems
 
 
+def drain_bound() -> float:
+    """The longest a drain takes with the default settings (docs/reliability.md, "Drain"), and 5 s
+    to spare before the process is killed."""
+    fields = Settings.model_fields
+    timeout = fields["homeserver_timeout_seconds"].default
+    return float(fields["drain_seconds"].default + 2 * timeout + 5 + 5)
+
+
 def kubernetes_problems(docs: list[dict[str, Any]]) -> list[str]:
     problems = []
     if by_kind(docs, "Secret"):
@@ -708,13 +719,14 @@ def kubernetes_problems(docs: list[dict[str, Any]]) -> list[str]:
         got = (container.get(probe) or {}).get("httpGet") or {}
         if got.get("path") != path or got.get("port") not in ("http", SIDECAR_PORT):
             problems.append(f"{probe} should GET {path} on the sidecar's port, has {got}")
-    # A drain: the pre-stop pause, then the slowest homeserver request in flight.
+    # A drain: the pre-stop pause, the drain's own serving time, then at most twice the slowest
+    # homeserver request (a newer-state check and its send) and the outcome write.
     pause = (container.get("lifecycle") or {}).get("preStop", {}).get("exec", {}).get("command")
     paused = int(pause[-1]) if pause and pause[0] == "sleep" else 0
-    timeout = Settings.model_fields["homeserver_timeout_seconds"].default
+    need = paused + drain_bound()
     grace = pod.get("terminationGracePeriodSeconds", 30)
-    if grace < paused + timeout + 5:
-        problems.append(f"terminationGracePeriodSeconds {grace} < {paused} + {timeout} + 5 s")
+    if grace < need:
+        problems.append(f"terminationGracePeriodSeconds {grace} < {need} s (a whole drain)")
     required = {ENV_PREFIX + n.upper() for n, f in Settings.model_fields.items() if f.is_required()}
     problems += env_problems("the Deployment", container, required)
     secret_names = {(v.get("secret") or {}).get("secretName") for v in pod.get("volumes") or []} | {
