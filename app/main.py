@@ -14,17 +14,18 @@ from fastapi.exceptions import RequestValidationError
 from sqlalchemy.ext.asyncio import create_async_engine
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import Response
 
 from app import metrics
 from app.api import admin, health, history, manage, proxy, schedule
 from app.api.deps import Container
+from app.api.errors import error_response
 from app.api.heartbeat import HeartbeatMiddleware
 from app.api.middleware import MatrixEdgeMiddleware, RawPathMiddleware
 from app.auth import Authenticator
 from app.clock import Clock, SystemClock
 from app.crypto import TokenCipher
-from app.errors import MatrixError
+from app.errors import InvalidParam, MatrixError, Unrecognized
 from app.homeserver import Homeserver
 from app.liveness import ReplicaLock
 from app.logs import RequestIdMiddleware
@@ -215,19 +216,17 @@ def create_app(
     return app
 
 
-async def _matrix_error(request: Request, exc: MatrixError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+async def _matrix_error(request: Request, exc: MatrixError) -> Response:
+    return error_response(exc)
 
 
-async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+async def _http_error(request: Request, exc: HTTPException) -> Response:
     if exc.status_code in (404, 405):
-        body = {"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"}
+        error: MatrixError = Unrecognized("Unrecognized request", status=exc.status_code)
     else:
-        body = {"errcode": "M_UNKNOWN", "error": str(exc.detail)}
-    return JSONResponse(body, status_code=exc.status_code)
+        error = MatrixError(str(exc.detail), status=exc.status_code)
+    return error_response(error)
 
 
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return JSONResponse(
-        {"errcode": "M_INVALID_PARAM", "error": "Invalid request parameters"}, status_code=400
-    )
+async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    return error_response(InvalidParam("Invalid request parameters"))

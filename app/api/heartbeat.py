@@ -5,13 +5,13 @@ routing, validation and serialisation, through the very same rules as the routed
 
 from __future__ import annotations
 
-import json
 import re
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app import metrics
+from app.api.errors import send_error, send_json
 from app.api.manage import split_action
 from app.errors import MatrixError
 from app.service import Action
@@ -25,7 +25,6 @@ _TEMPLATES = {
     True: "/_matrix/client/v1/delayed_events/{delay_id}/restart",
     False: "/_matrix/client/unstable/org.matrix.msc4140/delayed_events/{delay_id}/restart",
 }
-_JSON = (b"content-type", b"application/json")
 
 
 class HeartbeatMiddleware:
@@ -47,21 +46,6 @@ class HeartbeatMiddleware:
                 request, match["delay_id"], Action.RESTART, v1=match["v1"] is not None
             )
         except MatrixError as exc:
-            body = json.dumps(exc.body()).encode()
-            headers = [
-                (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items()
-            ]
-            await _answer(send, exc.status, body, headers)
+            await send_error(send, exc)
             return
-        await _answer(send, 200, b"{}", [])
-
-
-async def _answer(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [_JSON, (b"content-length", str(len(body)).encode()), *headers],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+        await send_json(send, 200, {})

@@ -4,7 +4,6 @@ escapes a route into a Matrix error without a stack trace."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 from typing import Any, cast
@@ -12,6 +11,9 @@ from typing import Any, cast
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.api.errors import send_error, send_json
+from app.errors import DatabaseUnavailable, InvalidParam, MatrixError, TooLarge, Unrecognized
 
 logger = logging.getLogger(__name__)
 
@@ -83,17 +85,15 @@ class RawPathMiddleware:
             try:
                 scope = dict(scope, path=path.decode("ascii"))
             except UnicodeDecodeError:
-                await _send_json(send, 400, {"errcode": "M_INVALID_PARAM", "error": "Bad path"})
+                await send_error(send, InvalidParam("Bad path"), CORS_HEADERS)
                 return
             query = scope.get("query_string", b"")
             if _CONTROL.search(path) or _CONTROL.search(query):
-                await _send_json(
-                    send, 400, {"errcode": "M_INVALID_PARAM", "error": "Control character in URL"}
-                )
+                await send_error(send, InvalidParam("Control character in URL"), CORS_HEADERS)
                 return
             refusal = _unjudgeable(scope, raw, path, query)
             if refusal is not None:
-                await _send_json(send, 400, {"errcode": "M_UNRECOGNIZED", "error": refusal})
+                await send_error(send, Unrecognized(refusal, status=400), CORS_HEADERS)
                 return
         await self.app(scope, receive, send)
 
@@ -141,13 +141,13 @@ class MatrixEdgeMiddleware:
             await self.app(scope, receive, send)
             return
         if scope["method"] == "OPTIONS":
-            await _send_json(send, 200, {})
+            await send_json(send, 200, {}, CORS_HEADERS)
             return
         if (
             len(scope.get("raw_path") or b"") + len(scope.get("query_string", b""))
             > self.max_path_bytes
         ):
-            await _send_json(send, 414, {"errcode": "M_TOO_LARGE", "error": "URI too long"})
+            await send_error(send, TooLarge("URI too long", status=414), CORS_HEADERS)
             return
         started = False
 
@@ -163,17 +163,17 @@ class MatrixEdgeMiddleware:
         except Exception as exc:
             if _database_down(exc):
                 logger.warning("database unavailable: %s", type(exc).__name__)
-                status, body = 503, {"errcode": "M_UNKNOWN", "error": "Database unavailable"}
+                error: MatrixError = DatabaseUnavailable("Database unavailable")
             elif _sqlstate_in(exc, _ROLLED_BACK_SQLSTATES):
                 logger.warning("database rolled a transaction back: %s", type(exc).__name__)
-                status, body = 503, {"errcode": "M_UNKNOWN", "error": "Database busy, try again"}
+                error = DatabaseUnavailable("Database busy, try again")
             else:
                 logger.exception(
                     "unhandled error on %s %s", scope["method"], _redacted(scope["path"])
                 )
-                status, body = 500, {"errcode": "M_UNKNOWN", "error": "Internal server error"}
+                error = MatrixError("Internal server error")
             if not started:
-                await _send_json(send, status, body)
+                await send_error(send, error, CORS_HEADERS)
 
 
 _DELAY_ID_IN_PATH = re.compile(r"(/delayed_events/[^/]{0,6})[^/]*")
@@ -182,14 +182,3 @@ _DELAY_ID_IN_PATH = re.compile(r"(/delayed_events/[^/]{0,6})[^/]*")
 def _redacted(path: str) -> str:
     """The path with any delay_id cut short: a whole one lets its holder act on the event."""
     return _DELAY_ID_IN_PATH.sub(r"\1…", path)
-
-
-async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
-    payload = json.dumps(body).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(payload)).encode()),
-        *CORS_HEADERS,
-    ]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": payload})
