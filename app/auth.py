@@ -15,6 +15,7 @@ from starlette.requests import Request
 
 from app.errors import MatrixError, MissingToken
 from app.homeserver import Homeserver, Whoami
+from app.tasks import retrieve_exception
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +112,7 @@ class Authenticator:
                 lookup = asyncio.create_task(self._lookup(key, token))
                 # Retrieved here too, so that a failure nobody waits for any more is not
                 # reported as never retrieved.
-                lookup.add_done_callback(_retrieve)
+                lookup.add_done_callback(retrieve_exception)
                 self._pending[key] = lookup
             # One caller going away (a client disconnecting) does not cancel the others' call.
             whoami = await asyncio.shield(lookup)
@@ -139,8 +140,3 @@ class Authenticator:
         if token is None:
             raise MissingToken("Missing access token")
         return await self.authenticate(token)
-
-
-def _retrieve(task: asyncio.Task[Whoami]) -> None:
-    if not task.cancelled():
-        task.exception()

@@ -125,7 +125,8 @@ def encode_segment(value: str) -> str:
     return quote(value, safe="")
 
 
-def _no_constants(name: str) -> Any:
+def no_constants(name: str) -> Any:
+    """A `parse_constant` for json.loads: NaN and Infinity are not JSON."""
     raise ValueError(f"{name} is not valid JSON")
 
 
@@ -133,7 +134,7 @@ def json_object(response: httpx.Response) -> dict[str, Any] | None:
     """The answer's JSON object; None for anything else (not JSON, NaN, nested too deeply for
     the parser, not an object)."""
     try:
-        body = json.loads(response.content, parse_constant=_no_constants)
+        body = json.loads(response.content, parse_constant=no_constants)
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     return body if isinstance(body, dict) else None

@@ -33,10 +33,13 @@ from app.logs import LogId
 from app.models import CANCELLED, FAILED, SENT
 from app.repository import DelayedEvent
 from app.settings import Settings
+from app.tasks import retrieve_exception
 
 logger = logging.getLogger(__name__)
 
 CANCELLED_BY_STATE = "M_CANCELLED_BY_STATE_UPDATE"
+# The error stored with an event cancelled because newer state was set for its key.
+NEWER_STATE_ERROR = json.dumps({"errcode": CANCELLED_BY_STATE, "error": "Cancelled by newer state"})
 
 
 def txn_id_for(delay_id: str) -> str:
@@ -303,10 +306,9 @@ class Replayer:
                 )
             count_sent(event, reason, now, done=done)
         elif isinstance(outcome, NewerState):
-            error = {"errcode": CANCELLED_BY_STATE, "error": "Cancelled by newer state"}
             async with self.engine.begin() as conn:
                 await repo.finalise(
-                    conn, event, status=CANCELLED, reason="error", now=now, error=json.dumps(error)
+                    conn, event, status=CANCELLED, reason="error", now=now, error=NEWER_STATE_ERROR
                 )
             metrics.CANCELLED.labels(event.generation, "newer_state").inc()
         elif isinstance(outcome, Lost):
@@ -565,7 +567,7 @@ class _StateChecks:
             return  # finalised as failed without a send; nothing to check
         keeper = self._keeper
         task = asyncio.create_task(self._replayer._newer_state(event, credential, keeper))
-        task.add_done_callback(_retrieve)
+        task.add_done_callback(retrieve_exception)
         self._tasks[event.delay_id] = task
 
     def forget(self, event: DelayedEvent) -> None:
@@ -757,11 +759,6 @@ class _Run:
                 self._handled(event)
 
 
-def _retrieve(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled():
-        task.exception()  # awaited by its event, or dropped with it: never reported as lost
-
-
 class _ClaimKeeper:
     """Keeps a run's claims alive while their events wait in their rooms' queues, wait for a
     request slot and are sent: every held claim's lease is renewed, in one statement, every
@@ -906,4 +903,4 @@ def _cancelled_conflict() -> HomeserverError:
     )
 
 
-__all__ = ["CANCELLED_BY_STATE", "Replayer", "TakenOver", "txn_id_for"]
+__all__ = ["CANCELLED_BY_STATE", "NEWER_STATE_ERROR", "Replayer", "TakenOver", "txn_id_for"]

@@ -30,7 +30,7 @@ from app.errors import (
     StoredCredentialFailed,
 )
 from app.models import CANCELLED, FAILED, SCHEDULED, SENT, storable_text
-from app.replayer import CANCELLED_BY_STATE, Replayer, TakenOver, token_context
+from app.replayer import NEWER_STATE_ERROR, Replayer, TakenOver, token_context
 from app.repository import DelayedEvent
 from app.restarts import RestartBatcher, SealedToken
 from app.settings import Settings
@@ -361,7 +361,7 @@ class DelayedEventService:
         the same key, when the rule is on."""
         if not self.settings.cancel_on_newer_state:
             return
-        error = json.dumps({"errcode": CANCELLED_BY_STATE, "error": "Cancelled by newer state"})
+        error = NEWER_STATE_ERROR
         async with self.engine.begin() as conn:
             cancelled = await repo.cancel_by_newer_state(
                 conn,

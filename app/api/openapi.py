@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-DELAY_PARAM = "org.matrix.msc4140.delay"
+from app.api.requests import DELAY_PARAM
 
 
 def _json_body(schema: dict[str, Any], *, required: bool = True) -> dict[str, Any]:

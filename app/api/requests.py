@@ -12,7 +12,7 @@ from urllib.parse import unquote
 from starlette.requests import Request
 
 from app.errors import BadJson, InvalidParam, NotJson, TooLarge
-from app.homeserver import replayable_query
+from app.homeserver import no_constants, replayable_query
 from app.models import storable_text
 
 DELAY_PARAM = "org.matrix.msc4140.delay"
@@ -44,10 +44,6 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
             raise TooLarge(f"Request body is larger than {max_bytes} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
 
 
 def _finite(text: str) -> float:
@@ -83,7 +79,7 @@ def parse_json_object(body: bytes, *, empty_ok: bool = False) -> dict[str, Any]:
         raise NotJson("Content not JSON.")
     try:
         value = json.loads(
-            body, parse_constant=_no_constants, parse_float=_finite, parse_int=_integer
+            body, parse_constant=no_constants, parse_float=_finite, parse_int=_integer
         )
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise NotJson("Content not JSON.") from None
