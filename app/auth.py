@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from urllib.parse import unquote
 
 from starlette.requests import Request
 
+from app.clock import Clock
 from app.errors import MatrixError, MissingToken
 from app.homeserver import Homeserver, Whoami
 from app.tasks import retrieve_exception
@@ -84,16 +84,20 @@ def _unknown() -> MatrixError:
 
 
 class Authenticator:
-    """Checks tokens with the homeserver's whoami, caching each answer for `ttl_seconds`.
+    """Checks tokens with the homeserver's whoami, caching each answer for `ttl_seconds` (on the
+    clock's monotonic time).
 
     Concurrent requests with the same uncached (or just expired) token share one whoami call: a
     client sending many requests with one token (a call's heartbeat) would otherwise send the
     homeserver one whoami per request in flight each time the cached answer runs out, and every
     one of them would wait for that pile of calls."""
 
-    def __init__(self, homeserver: Homeserver, ttl_seconds: float, max_entries: int = 20_000):
+    def __init__(
+        self, homeserver: Homeserver, ttl_seconds: float, clock: Clock, max_entries: int = 20_000
+    ):
         self._homeserver = homeserver
-        self._ttl = ttl_seconds
+        self._ttl_ms = ttl_seconds * 1000
+        self._clock = clock
         self._max = max_entries
         self._cache: OrderedDict[bytes, tuple[float, Whoami]] = OrderedDict()
         # The whoami call under way for a token (by its hash), shared by whoever asks meanwhile.
@@ -103,7 +107,7 @@ class Authenticator:
         """The requester owning `token`; the homeserver's refusal is raised unchanged."""
         key = hashlib.sha256(token.encode()).digest()
         cached = self._cache.get(key)
-        if cached is not None and cached[0] > time.monotonic():
+        if cached is not None and cached[0] > self._clock.monotonic_ms():
             self._cache.move_to_end(key)
             whoami = cached[1]
         else:
@@ -119,11 +123,11 @@ class Authenticator:
         return Requester(whoami.user_id, whoami.device_id, token)
 
     async def _lookup(self, key: bytes, token: str) -> Whoami:
-        now = time.monotonic()
+        now = self._clock.monotonic_ms()
         try:
             whoami = await self._homeserver.whoami(token)
-            if self._ttl > 0:
-                self._cache[key] = (now + self._ttl, whoami)
+            if self._ttl_ms > 0:
+                self._cache[key] = (now + self._ttl_ms, whoami)
                 self._cache.move_to_end(key)
                 while len(self._cache) > self._max:
                     self._cache.popitem(last=False)

@@ -87,7 +87,7 @@ def build_container(
         settings=settings,
         engine=engine,
         homeserver=homeserver,
-        auth=Authenticator(homeserver, settings.whoami_cache_seconds),
+        auth=Authenticator(homeserver, settings.whoami_cache_seconds, clock),
         service=service,
         scheduler=scheduler,
         limits=_rate_limits(settings, clock),

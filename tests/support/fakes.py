@@ -18,6 +18,9 @@ class FakeClock:
     def now_ms(self) -> int:
         return self.ms
 
+    def monotonic_ms(self) -> int:
+        return self.ms
+
     def advance(self, ms: int) -> None:
         self.ms += ms
 

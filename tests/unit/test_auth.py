@@ -12,6 +12,7 @@ import pytest
 from app.auth import Authenticator
 from app.errors import HomeserverError
 from app.homeserver import Homeserver
+from tests.support.fakes import FakeClock
 
 
 class Whoami:
@@ -38,9 +39,9 @@ async def whoami() -> Whoami:
     return Whoami()
 
 
-def authenticator(whoami: Whoami, ttl: float = 60) -> Authenticator:
+def authenticator(whoami: Whoami, ttl: float = 60, clock: FakeClock | None = None) -> Authenticator:
     client = httpx.AsyncClient(transport=httpx.MockTransport(whoami.handle))
-    return Authenticator(Homeserver("http://hs.test", client), ttl)
+    return Authenticator(Homeserver("http://hs.test", client), ttl, clock or FakeClock())
 
 
 async def _settle() -> None:
@@ -103,4 +104,17 @@ async def test_no_cache_still_shares_the_call_in_flight(whoami: Whoami) -> None:
     await asyncio.gather(*waiting)
     assert whoami.calls == 1
     await auth.authenticate("tok")  # nothing cached: asked again
+    assert whoami.calls == 2
+
+
+async def test_a_cached_answer_expires_on_the_clock(whoami: Whoami) -> None:
+    clock = FakeClock()
+    auth = authenticator(whoami, ttl=60, clock=clock)
+    whoami.release.set()
+    await auth.authenticate("tok")
+    clock.advance(59_999)
+    await auth.authenticate("tok")  # still cached
+    assert whoami.calls == 1
+    clock.advance(1)
+    await auth.authenticate("tok")  # expired: asked again
     assert whoami.calls == 2
