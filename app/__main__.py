@@ -36,7 +36,8 @@ def migrate(database_url: str) -> None:
     command.upgrade(config, "head")
 
 
-def _configure_logging(settings: Settings) -> None:
+def configure_logging(settings: Settings) -> None:
+    """Log as the settings say (level and text or JSON format) to standard error."""
     from app import logs
 
     logs.configure(settings.log_level, settings.log_format, sys.stderr)
@@ -54,7 +55,7 @@ def serve(settings: Settings) -> None:
     from app.api.middleware import http_protocol
     from app.main import Drain, create_app
 
-    _configure_logging(settings)
+    configure_logging(settings)
     log = logging.getLogger(__name__)
     log.info("%s %s starting", DISTRIBUTION, version())
     app = create_app(settings)

@@ -169,7 +169,7 @@ class MatrixEdgeMiddleware:
                 error = DatabaseUnavailable("Database busy, try again")
             else:
                 logger.exception(
-                    "unhandled error on %s %s", scope["method"], _redacted(scope["path"])
+                    "unhandled error on %s %s", scope["method"], redacted_path(scope["path"])
                 )
                 error = MatrixError("Internal server error")
             if not started:
@@ -179,6 +179,6 @@ class MatrixEdgeMiddleware:
 _DELAY_ID_IN_PATH = re.compile(r"(/delayed_events/[^/]{0,6})[^/]*")
 
 
-def _redacted(path: str) -> str:
+def redacted_path(path: str) -> str:
     """The path with any delay_id cut short: a whole one lets its holder act on the event."""
     return _DELAY_ID_IN_PATH.sub(r"\1…", path)

@@ -15,7 +15,7 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import text
 
-from app.__main__ import _configure_logging
+from app.__main__ import configure_logging
 from tests.conftest import make_settings
 from tests.integration.common import DELAY, ROOM, UNSTABLE, V1, V3, enc, run_due, state_path
 from tests.security.support import found_in, marker, secret_token
@@ -42,7 +42,7 @@ def logs(
     written = io.StringIO()
     settings = make_settings(database_url, log_level="DEBUG", log_format=request.param)
     with patch("sys.stderr", written):
-        _configure_logging(settings)
+        configure_logging(settings)
     caplog.written = written  # type: ignore[attr-defined]
     try:
         yield caplog

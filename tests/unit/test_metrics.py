@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from app.api.middleware import _redacted
+from app.api.middleware import redacted_path
 from app.metrics import errcode_label
 
 
@@ -14,6 +14,6 @@ def test_errcode_labels_are_bounded() -> None:
 
 def test_unhandled_error_logs_cut_delay_ids_short() -> None:
     path = "/_matrix/client/v1/delayed_events/AbCdEfGhIjKlMnOpQrStUvWx/restart"
-    assert _redacted(path) == "/_matrix/client/v1/delayed_events/AbCdEf…/restart"
-    assert "AbCdEfGhIjKlMnOpQrStUvWx" not in _redacted(path)
-    assert _redacted("/_matrix/client/versions") == "/_matrix/client/versions"
+    assert redacted_path(path) == "/_matrix/client/v1/delayed_events/AbCdEf…/restart"
+    assert "AbCdEfGhIjKlMnOpQrStUvWx" not in redacted_path(path)
+    assert redacted_path("/_matrix/client/versions") == "/_matrix/client/versions"
