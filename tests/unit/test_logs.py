@@ -128,3 +128,11 @@ async def test_text_lines_carry_the_request_id() -> None:
     finally:
         logging.getLogger().removeHandler(handler)
     assert "app.test_logs [req-42]: inside the request" in stream.getvalue()
+
+
+async def test_generated_request_ids_differ() -> None:
+    transport = httpx.ASGITransport(app=RequestIdMiddleware(_logging_app))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        ids = [(await client.get("/")).headers["x-request-id"] for _ in range(50)]
+    assert len(set(ids)) == 50
+    assert all(len(i) <= 64 and i.isalnum() for i in ids)
