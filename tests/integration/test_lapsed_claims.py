@@ -29,6 +29,22 @@ from tests.support.apps import app_and_client
 from tests.support.fakes import FakeClock, FakeHomeserver
 
 
+def hold_outcome_writes(monkeypatch: pytest.MonkeyPatch) -> tuple[asyncio.Event, asyncio.Event]:
+    """Hold the writes of sent outcomes back: the first event is set once a write is waiting,
+    the second lets every write go on."""
+    writing = asyncio.Event()
+    release = asyncio.Event()
+    write = repo.finalise_sent_many
+
+    async def held_back(conn: Any, outcomes: list[repo.SentOutcome]) -> set[str]:
+        writing.set()
+        await release.wait()
+        return await write(conn, outcomes)
+
+    monkeypatch.setattr(repo, "finalise_sent_many", held_back)
+    return writing, release
+
+
 async def _claim_and_die(app: FastAPI, clock: FakeClock) -> None:
     """What a replica does before it is killed mid-replay: claim, send, and record nothing."""
     container = app.state.container
@@ -131,16 +147,7 @@ async def test_an_event_the_homeserver_took_is_not_listed_while_its_outcome_is_w
     as for a sent event."""
     delay_id = await schedule_message(client, 1000)
     other = await schedule_message(client, 60_000, txn="later")
-    writing = asyncio.Event()
-    release = asyncio.Event()
-    write = repo.finalise_sent_many
-
-    async def held_back(conn: Any, outcomes: list[repo.SentOutcome]) -> set[str]:
-        writing.set()
-        await release.wait()
-        return await write(conn, outcomes)
-
-    monkeypatch.setattr(repo, "finalise_sent_many", held_back)
+    writing, release = hold_outcome_writes(monkeypatch)
     clock.advance(1000)
     run = asyncio.create_task(run_due(app))
     await writing.wait()
@@ -170,16 +177,7 @@ async def test_the_single_lookup_of_an_event_being_written_shows_it_sent(
     event waits for the write (it is this replica's own send) and shows it sent, never as
     scheduled."""
     delay_id = await schedule_message(client, 1000)
-    writing = asyncio.Event()
-    release = asyncio.Event()
-    write = repo.finalise_sent_many
-
-    async def held_back(conn: Any, outcomes: list[repo.SentOutcome]) -> set[str]:
-        writing.set()
-        await release.wait()
-        return await write(conn, outcomes)
-
-    monkeypatch.setattr(repo, "finalise_sent_many", held_back)
+    writing, release = hold_outcome_writes(monkeypatch)
     replayer = app.state.container.service.replayer
     settling = asyncio.Event()
     settle = replayer.settle
