@@ -45,11 +45,15 @@ async def test_the_callers_own_bad_token_is_a_401(client: httpx.AsyncClient, app
     assert (await _status(app, delay_id))[0] == "scheduled"
 
 
-@pytest.mark.parametrize(
+# Callers other than the scheduling device, and what a failed stored credential answers them.
+OTHER_CALLERS = pytest.mark.parametrize(
     ("prefix", "headers", "status", "errcode"),
     [(UNSTABLE, None, 404, "M_NOT_FOUND"), (V1, ALICE_PHONE, 409, "M_UNKNOWN")],
     ids=["tokenless unstable", "other device v1"],
 )
+
+
+@OTHER_CALLERS
 async def test_no_stored_token_is_not_the_callers_logout(
     client: httpx.AsyncClient,
     app: FastAPI,
@@ -71,11 +75,7 @@ async def test_no_stored_token_is_not_the_callers_logout(
     assert homeserver.replays() == []
 
 
-@pytest.mark.parametrize(
-    ("prefix", "headers", "status", "errcode"),
-    [(UNSTABLE, None, 404, "M_NOT_FOUND"), (V1, ALICE_PHONE, 409, "M_UNKNOWN")],
-    ids=["tokenless unstable", "other device v1"],
-)
+@OTHER_CALLERS
 async def test_a_refused_stored_token_is_recorded_not_the_callers_logout(
     client: httpx.AsyncClient,
     app: FastAPI,
