@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app import metrics
 from app import repository as repo
 from app import repository_admin as admin_repo
+from app import repository_tokens as tokens_repo
 from app.clock import Clock
 from app.errors import Conflict, InvalidParam, NotFound
 from app.models import CANCELLED, SCHEDULED, SENT
@@ -177,7 +178,7 @@ class AdminService:
                 rows = await admin_repo.cancel_batch(
                     conn, user_id=user_id, room_id=room_id, now=now, limit=CANCEL_BATCH
                 )
-                await repo.forget_unused_tokens(
+                await tokens_repo.forget_unused_tokens(
                     conn, ((user, device) for _, user, device, _ in rows)
                 )
             for _, _, _, generation in rows:
@@ -196,7 +197,9 @@ class AdminService:
         events needs. Scheduled events stay: cancel them first to erase everything."""
         async with self.engine.begin() as conn:
             purged = await admin_repo.purge_finalised(conn, user_id)
-            await repo.forget_unused_tokens(conn, await admin_repo.stored_devices(conn, user_id))
+            await tokens_repo.forget_unused_tokens(
+                conn, await admin_repo.stored_devices(conn, user_id)
+            )
             counts = await admin_repo.count_events(conn, AdminFilter(user_id=user_id))
         remaining = counts["scheduled"] + counts[SENDING]
         logger.info(

@@ -20,8 +20,7 @@ from dataclasses import asdict, dataclass
 from app import repository_history as history_repo
 from app.auth import Requester
 from app.errors import InvalidParam
-from app.models import storable_text
-from app.repository import DelayedEvent
+from app.models import DelayedEvent, storable_text
 from app.repository_history import HistoryFilter
 from app.service import PAGE_BYTES, DelayedEventService
 

@@ -2,14 +2,14 @@
 
 Each replica holds a session-level advisory lock, `(4140, key)` with a random `key`, on a
 connection of its own kept open for the life of the process. Its claims carry the key
-(`repo.new_claim_id`), so a claim whose key no session holds belongs to a replica that is gone
-(killed, or cut off from the database): `repo.free_dead_claims` makes such rows due at once
-instead of at the end of their lease.
+(`claims_repo.new_claim_id`), so a claim whose key no session holds belongs to a replica that is
+gone (killed, or cut off from the database): `claims_repo.free_dead_claims` makes such rows due
+at once instead of at the end of their lease.
 
 A replica that loses the connection holding its lock (a PostgreSQL restart, a network blip) takes
 a new key when it gets a new connection: its earlier claims then count as dead and are claimed
 anew (by any replica), and every send it still had queued under them fails its re-check
-(`repo.recheck_claim`), so two live replicas never both believe they hold a row.
+(`claims_repo.recheck_claim`), so two live replicas never both believe they hold a row.
 """
 
 from __future__ import annotations

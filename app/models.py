@@ -3,6 +3,9 @@ is scheduled until it is pruned, long after it was finalised."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -141,3 +144,43 @@ device_token = Table(
     Column("digest", LargeBinary, nullable=False),
     Column("updated_ts", BigInteger, nullable=False),
 )
+
+
+@dataclass(frozen=True, slots=True)
+class DelayedEvent:
+    """A row of `delayed_event` as the statements read it (all but `txn_key`)."""
+
+    delay_id: str
+    user_id: str
+    device_id: str | None
+    generation: str
+    room_id: str
+    event_type: str
+    state_key: str | None
+    content: str
+    query: str
+    delay_ms: int
+    created_ts: int
+    send_ts: int
+    due_ts: int | None
+    claim_id: str | None
+    attempts: int
+    first_failure_ts: int | None
+    status: str
+    reason: str | None
+    event_id: str | None
+    error: str | None
+    finalised_ts: int | None
+
+    @property
+    def running_since(self) -> int:
+        return self.send_ts - self.delay_ms
+
+
+# The columns a DelayedEvent is read from, in the order of its fields.
+EVENT_COLUMNS = tuple(getattr(delayed_event.c, name) for name in DelayedEvent.__slots__)
+
+
+def event_from_row(row: Any) -> DelayedEvent:
+    """The DelayedEvent of a row selected (or returned) as EVENT_COLUMNS."""
+    return DelayedEvent(*row)

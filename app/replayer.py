@@ -23,15 +23,15 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import metrics
-from app import repository as repo
+from app import repository_claims as claims_repo
+from app import repository_tokens as tokens_repo
 from app.clock import Clock
 from app.crypto import TokenCipher
 from app.errors import HomeserverError, StoredCredentialFailed
 from app.homeserver import Credential, Homeserver, Refused, ReplayResult, Sent, Transient
 from app.liveness import ReplicaLock
 from app.logs import LogId
-from app.models import CANCELLED, FAILED, SENT
-from app.repository import DelayedEvent
+from app.models import CANCELLED, FAILED, SENT, DelayedEvent
 from app.settings import Settings
 from app.tasks import retrieve_exception
 
@@ -152,7 +152,7 @@ class Replayer:
 
     async def next_due(self) -> int | None:
         async with self.engine.connect() as conn:
-            return await repo.next_due(conn)
+            return await claims_repo.next_due(conn)
 
     @property
     def holder(self) -> int | None:
@@ -162,7 +162,7 @@ class Replayer:
     async def free_dead_claims(self) -> int:
         """Make the claims of replicas that are gone due now; how many."""
         async with self.engine.begin() as conn:
-            return await repo.free_dead_claims(conn, self.clock.now_ms())
+            return await claims_repo.free_dead_claims(conn, self.clock.now_ms())
 
     def _credential(
         self, event: DelayedEvent, blobs: dict[tuple[str, str | None], bytes]
@@ -181,7 +181,7 @@ class Replayer:
         blobs: dict[tuple[str, str | None], bytes] = {}
         if self.settings.appservice_token is None:
             async with self.engine.connect() as conn:
-                blobs = await repo.load_tokens(conn, {(event.user_id, event.device_id)})
+                blobs = await tokens_repo.load_tokens(conn, {(event.user_id, event.device_id)})
         return self._credential(event, blobs)
 
     def checks_newer_state(self, event: DelayedEvent) -> bool:
@@ -288,7 +288,9 @@ class Replayer:
             return False
         outcome = await self.attempt(event, credential, newer_state, keeper)
         if isinstance(outcome, Sent):
-            writer.put(repo.SentOutcome(event, outcome.event_id, "delay", self.clock.now_ms()))
+            writer.put(
+                claims_repo.SentOutcome(event, outcome.event_id, "delay", self.clock.now_ms())
+            )
             return True
         if isinstance(outcome, Lost):
             logger.info("%s was taken over before its send; not sent here", log_id(event.delay_id))
@@ -301,13 +303,13 @@ class Replayer:
         now = self.clock.now_ms()
         if isinstance(outcome, Sent):
             async with self.engine.begin() as conn:
-                done = await repo.finalise(
+                done = await claims_repo.finalise(
                     conn, event, status=SENT, reason=reason, now=now, event_id=outcome.event_id
                 )
             count_sent(event, reason, now, done=done)
         elif isinstance(outcome, NewerState):
             async with self.engine.begin() as conn:
-                await repo.finalise(
+                await claims_repo.finalise(
                     conn, event, status=CANCELLED, reason="error", now=now, error=NEWER_STATE_ERROR
                 )
             metrics.CANCELLED.labels(event.generation, "newer_state").inc()
@@ -340,7 +342,7 @@ class Replayer:
             return
         due = min(now + self.backoff_ms(event.attempts, outcome.retry_after_ms), window_end)
         async with self.engine.begin() as conn:
-            await repo.retry_later(
+            await claims_repo.retry_later(
                 conn, event, due_ts=due, first_failure_ts=first, in_doubt=outcome.in_doubt
             )
         self.wake(due)
@@ -363,7 +365,7 @@ class Replayer:
 
     async def _finalise_failed(self, event: DelayedEvent, error: dict[str, Any]) -> None:
         async with self.engine.begin() as conn:
-            await repo.finalise(
+            await claims_repo.finalise(
                 conn,
                 event,
                 status=FAILED,
@@ -414,7 +416,7 @@ class Replayer:
 
     async def _release(self, event: DelayedEvent) -> None:
         async with self.engine.begin() as conn:
-            await repo.release(conn, event)
+            await claims_repo.release(conn, event)
 
 
 # State whose order against the room's other state matters beyond its own key: the events that
@@ -468,24 +470,24 @@ class _OutcomeWriter:
     Sending on before an outcome is committed keeps every guarantee: a message repeated after a
     crash carries the same transaction id and lands once, in its place; and the next delayed state
     event for the same (room, type, state_key) can't be claimed before this one's outcome is
-    committed (`repo.claim_due`), so per-key order does not depend on this writer. A write that
-    fails leaves the rows claimed; their lease runs out and they are replayed (as the same
+    committed (`claims_repo.claim_due`), so per-key order does not depend on this writer. A write
+    that fails leaves the rows claimed; their lease runs out and they are replayed (as the same
     events). The run ends only once every outcome is written. Refusals and retries are written
     by the room itself, before it goes on."""
 
     def __init__(
-        self, replayer: Replayer, on_written: Callable[[list[repo.SentOutcome]], None]
+        self, replayer: Replayer, on_written: Callable[[list[claims_repo.SentOutcome]], None]
     ) -> None:
         self._engine = replayer.engine
         self._on_written = on_written
-        self._queue: list[repo.SentOutcome] = []
+        self._queue: list[claims_repo.SentOutcome] = []
         self._ready = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._closing = False
         self._task = asyncio.create_task(self._run())
 
-    def put(self, outcome: repo.SentOutcome) -> None:
+    def put(self, outcome: claims_repo.SentOutcome) -> None:
         self._queue.append(outcome)
         self._idle.clear()
         self._ready.set()
@@ -510,10 +512,10 @@ class _OutcomeWriter:
             if self._closing:
                 return
 
-    async def _write(self, outcomes: list[repo.SentOutcome]) -> None:
+    async def _write(self, outcomes: list[claims_repo.SentOutcome]) -> None:
         try:
             async with self._engine.begin() as conn:
-                done = await repo.finalise_sent_many(conn, outcomes)
+                done = await claims_repo.finalise_sent_many(conn, outcomes)
         except Exception:
             logger.exception(
                 "writing the outcome of %d sent events failed; they are replayed when their "
@@ -629,7 +631,7 @@ class _Run:
         )
         self._changed.set()
 
-    def _written(self, outcomes: list[repo.SentOutcome]) -> None:
+    def _written(self, outcomes: list[claims_repo.SentOutcome]) -> None:
         """Outcomes the writer has written (or failed to: their claims then lapse)."""
         for outcome in outcomes:
             self._handled(outcome.event)
@@ -693,10 +695,12 @@ class _Run:
         now = replayer.clock.now_ms()
         async with replayer.engine.begin() as conn:
             # The claims of a replica that is gone are taken over at once, not at their lease's end.
-            await repo.free_dead_claims(conn, now)
-            events = await repo.claim_due(conn, now, replayer._lease_ms, limit, replayer.holder)
+            await claims_repo.free_dead_claims(conn, now)
+            events = await claims_repo.claim_due(
+                conn, now, replayer._lease_ms, limit, replayer.holder
+            )
             devices = {(e.user_id, e.device_id) for e in events}
-            blobs = await repo.load_tokens(conn, devices)
+            blobs = await tokens_repo.load_tokens(conn, devices)
         if not events:
             return 0
         if replayer.draining:
@@ -818,7 +822,7 @@ class _ClaimKeeper:
         replayer = self._replayer
         due_ts = replayer.clock.now_ms() + replayer._lease_ms
         async with replayer.engine.begin() as conn:
-            held = await repo.recheck_claim(conn, event, due_ts)
+            held = await claims_repo.recheck_claim(conn, event, due_ts)
         if not held:
             self._held.discard(self._key(event))
         return held
@@ -838,7 +842,7 @@ class _ClaimKeeper:
             return 0
         replayer = self._replayer
         async with replayer.engine.begin() as conn:
-            return await repo.release_claims(conn, given, replayer.clock.now_ms())
+            return await claims_repo.release_claims(conn, given, replayer.clock.now_ms())
 
     async def renew_if_due(self) -> None:
         if self._due_for_renewal():
@@ -851,7 +855,7 @@ class _ClaimKeeper:
         now = replayer.clock.now_ms()
         asked = sorted(self._held)
         async with replayer.engine.begin() as conn:
-            kept = await repo.renew_claims(conn, asked, now + replayer._lease_ms)
+            kept = await claims_repo.renew_claims(conn, asked, now + replayer._lease_ms)
         # Claims added while the renewal was on its way are held all the same; claims let go of
         # meanwhile stay gone.
         self._held -= set(asked) - kept

@@ -10,11 +10,10 @@ from typing import Any
 from sqlalchemy import Select, and_, or_, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app.models import CANCELLED, FAILED, SCHEDULED, SENT, delayed_event
-from app.repository import DelayedEvent, Page, bounded_page
+from app.models import CANCELLED, EVENT_COLUMNS, FAILED, SCHEDULED, SENT, delayed_event
+from app.repository_lookup import Page, bounded_page
 
 T = delayed_event.c
-_COLUMNS = [getattr(T, name) for name in DelayedEvent.__slots__]
 
 # What each MSC4486 status is in stored terms. A row cancelled with reason "error" (newer state)
 # counts as failed, like one the homeserver refused; "cancelled" is the cancel action only.
@@ -69,7 +68,7 @@ def history_statement(
 ) -> Select[Any]:
     """The SELECT that orders and filters a page of `list_history` (the tests EXPLAIN it)."""
     conditions, order = _conditions(where, after)
-    return select(*_COLUMNS).where(*conditions).order_by(*order).limit(limit)
+    return select(*EVENT_COLUMNS).where(*conditions).order_by(*order).limit(limit)
 
 
 def _conditions(

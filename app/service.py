@@ -16,6 +16,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app import metrics
 from app import repository as repo
+from app import repository_lookup as lookup_repo
+from app import repository_tokens as tokens_repo
 from app.auth import Requester
 from app.clock import Clock
 from app.crypto import TokenCipher
@@ -29,9 +31,8 @@ from app.errors import (
     NotFound,
     StoredCredentialFailed,
 )
-from app.models import CANCELLED, FAILED, SCHEDULED, SENT, storable_text
+from app.models import CANCELLED, FAILED, SCHEDULED, SENT, DelayedEvent, storable_text
 from app.replayer import NEWER_STATE_ERROR, Replayer, TakenOver, token_context
-from app.repository import DelayedEvent
 from app.restarts import RestartBatcher, SealedToken
 from app.settings import Settings
 
@@ -158,7 +159,7 @@ class DelayedEventService:
                 send_ts=now + request.delay_ms,
             )
             if self._keeps_tokens:
-                await repo.store_token(conn, user, device, **self._sealed(requester, now))
+                await tokens_repo.store_token(conn, user, device, **self._sealed(requester, now))
         metrics.SCHEDULED.labels(request.generation, "ok").inc()
         self._wake_at(now + request.delay_ms)
         return delay_id
@@ -178,7 +179,7 @@ class DelayedEventService:
         """Every authenticated request refreshes the token its device's events replay with."""
         if self._keeps_tokens:
             now = self.clock.now_ms()
-            await repo.refresh_token(
+            await tokens_repo.refresh_token(
                 conn, requester.user_id, requester.device_id, **self._sealed(requester, now)
             )
 
@@ -315,11 +316,11 @@ class DelayedEventService:
         cursor = decode_cursor(from_token) if from_token else {}
         want_scheduled = status in (None, Status.SCHEDULED) and cursor.get("s") != "done"
         want_finalised = status in (None, Status.FINALISED) and cursor.get("f") != "done"
-        scheduled = finalised = repo.Page([], more=False)
+        scheduled = finalised = lookup_repo.Page([], more=False)
         async with self.engine.begin() as conn:
             await self.refresh_token(conn, requester)
             if want_scheduled:
-                scheduled = await repo.list_scheduled(
+                scheduled = await lookup_repo.list_scheduled(
                     conn,
                     requester.user_id,
                     delay_ids=delay_ids,
@@ -328,7 +329,7 @@ class DelayedEventService:
                     max_bytes=PAGE_BYTES // 2,  # its items are shown twice (two list names)
                 )
             if want_finalised:
-                finalised = await repo.list_finalised(
+                finalised = await lookup_repo.list_finalised(
                     conn,
                     requester.user_id,
                     delay_ids=delay_ids,
@@ -411,7 +412,7 @@ class _Budget:
 
     def take(
         self,
-        page: repo.Page,
+        page: lookup_repo.Page,
         key: str,
         cursor: dict[str, Any],
         next_cursor: dict[str, Any],

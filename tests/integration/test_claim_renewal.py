@@ -15,7 +15,7 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import text
 
-from app import repository as repo
+from app import repository_claims as claims_repo
 from app.crypto import new_key
 from app.main import create_app
 from app.replayer import _ClaimKeeper
@@ -41,7 +41,7 @@ async def slow_app(
             clock.advance(40_000)
             engine = holder[0].state.container.engine
             async with engine.begin() as conn:
-                stolen.append(len(await repo.claim_due(conn, clock.now_ms(), LEASE_MS, 100)))
+                stolen.append(len(await claims_repo.claim_due(conn, clock.now_ms(), LEASE_MS, 100)))
         return homeserver.handle(request)
 
     app = create_app(
@@ -80,14 +80,14 @@ async def test_events_claimed_while_a_renewal_is_on_its_way_stay_held(
     engine = app.state.container.engine
     clock.advance(1000)
     async with engine.begin() as conn:
-        first = await repo.claim_due(conn, clock.now_ms(), 60_000, 10)
+        first = await claims_repo.claim_due(conn, clock.now_ms(), 60_000, 10)
     keeper = _ClaimKeeper(replayer)
     keeper.add(first, clock.now_ms())
     clock.advance(29_000)  # past a third of the lease: the next check renews
     async with engine.begin() as conn:
-        later = await repo.claim_due(conn, clock.now_ms(), 60_000, 10)
+        later = await claims_repo.claim_due(conn, clock.now_ms(), 60_000, 10)
     assert len(later) == 1
-    renew = repo.renew_claims
+    renew = claims_repo.renew_claims
 
     async def claim_meanwhile(
         conn: Any, held: list[tuple[str, str]], due_ts: int
@@ -95,7 +95,7 @@ async def test_events_claimed_while_a_renewal_is_on_its_way_stay_held(
         keeper.add(later, clock.now_ms())  # another claim of the run lands during the renewal
         return await renew(conn, held, due_ts)
 
-    monkeypatch.setattr(repo, "renew_claims", claim_meanwhile)
+    monkeypatch.setattr(claims_repo, "renew_claims", claim_meanwhile)
     assert await keeper.still_ours(first[0])
     assert await keeper.still_ours(later[0])
     assert await keeper.still_ours(first[1])
@@ -184,13 +184,13 @@ async def test_a_replica_holds_no_more_claimed_events_than_its_bound(
                 writes_open.set()
         return homeserver.handle(request)
 
-    write = repo.finalise_sent_many
+    write = claims_repo.finalise_sent_many
 
-    async def held_back(conn: Any, outcomes: list[repo.SentOutcome]) -> set[str]:
+    async def held_back(conn: Any, outcomes: list[claims_repo.SentOutcome]) -> set[str]:
         await writes_open.wait()
         return await write(conn, outcomes)
 
-    monkeypatch.setattr(repo, "finalise_sent_many", held_back)
+    monkeypatch.setattr(claims_repo, "finalise_sent_many", held_back)
     async with app_and_client(
         database_url, clock, httpx.MockTransport(gated), replay_max_claimed=bound
     ) as (app, c):
@@ -229,12 +229,12 @@ async def test_a_claim_taken_again_stays_renewed_when_the_first_is_let_go(
     lease = replayer._lease_ms
     clock.advance(1000)
     async with engine.begin() as conn:
-        (first,) = await repo.claim_due(conn, clock.now_ms(), lease, 10)
+        (first,) = await claims_repo.claim_due(conn, clock.now_ms(), lease, 10)
     keeper = _ClaimKeeper(replayer)
     keeper.add([first], clock.now_ms())
     clock.advance(lease + 1)  # the first claim lapses; the run claims the event again
     async with engine.begin() as conn:
-        (again,) = await repo.claim_due(conn, clock.now_ms(), lease, 10)
+        (again,) = await claims_repo.claim_due(conn, clock.now_ms(), lease, 10)
     assert (again.delay_id, again.claim_id != first.claim_id) == (first.delay_id, True)
     keeper.add([again], clock.now_ms())
     keeper.done(first)  # the first copy is handled (its send found the claim gone)

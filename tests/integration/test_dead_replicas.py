@@ -15,7 +15,7 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import text
 
-from app import repository as repo
+from app import repository_claims as claims_repo
 from app.crypto import new_key
 from app.liveness import LOCK_CLASS
 from tests.integration.common import ALICE, enc, get_event, rows, schedule_message, state_path
@@ -138,9 +138,9 @@ async def test_claims_naming_no_lock_keep_their_lease(
     replayer = _replayer(app)
     clock.advance(1000)
     async with app.state.container.engine.begin() as conn:
-        claimed = await repo.claim_due(conn, clock.now_ms(), replayer._lease_ms, 10)
+        claimed = await claims_repo.claim_due(conn, clock.now_ms(), replayer._lease_ms, 10)
         (doubt,) = [e for e in claimed if e.delay_id == retried]
-        await repo.retry_later(
+        await claims_repo.retry_later(
             conn, doubt, due_ts=clock.now_ms() + 5000, first_failure_ts=0, in_doubt=True
         )
     assert await replayer.free_dead_claims() == 0
@@ -162,14 +162,14 @@ async def test_a_replica_that_lost_its_lock_takes_a_new_key(
         await schedule_message(client, 1000)
         clock.advance(1000)
         async with app.state.container.engine.begin() as conn:
-            (claimed,) = await repo.claim_due(conn, clock.now_ms(), 60_000, 10, old)
+            (claimed,) = await claims_repo.claim_due(conn, clock.now_ms(), 60_000, 10, old)
         await _end_session_from_the_server(app)
         assert not await liveness.check()
         assert liveness.key is None
         assert await liveness.acquire()
         assert liveness.key not in (None, old)
         async with app.state.container.engine.begin() as conn:
-            assert not await repo.recheck_claim(conn, claimed, clock.now_ms() + 60_000)
+            assert not await claims_repo.recheck_claim(conn, claimed, clock.now_ms() + 60_000)
         assert await _replayer(app).free_dead_claims() == 1
     finally:
         await liveness.stop()

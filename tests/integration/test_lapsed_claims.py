@@ -14,7 +14,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from app import repository as repo
+from app import repository_claims as claims_repo
 from tests.integration.common import (
     ALICE,
     UNSTABLE,
@@ -34,14 +34,14 @@ def hold_outcome_writes(monkeypatch: pytest.MonkeyPatch) -> tuple[asyncio.Event,
     the second lets every write go on."""
     writing = asyncio.Event()
     release = asyncio.Event()
-    write = repo.finalise_sent_many
+    write = claims_repo.finalise_sent_many
 
-    async def held_back(conn: Any, outcomes: list[repo.SentOutcome]) -> set[str]:
+    async def held_back(conn: Any, outcomes: list[claims_repo.SentOutcome]) -> set[str]:
         writing.set()
         await release.wait()
         return await write(conn, outcomes)
 
-    monkeypatch.setattr(repo, "finalise_sent_many", held_back)
+    monkeypatch.setattr(claims_repo, "finalise_sent_many", held_back)
     return writing, release
 
 
@@ -50,7 +50,7 @@ async def _claim_and_die(app: FastAPI, clock: FakeClock) -> None:
     container = app.state.container
     lease_ms = int(container.settings.claim_lease_seconds * 1000)
     async with container.engine.begin() as conn:
-        claimed = await repo.claim_due(conn, clock.now_ms(), lease_ms, 10)
+        claimed = await claims_repo.claim_due(conn, clock.now_ms(), lease_ms, 10)
     assert len(claimed) == 1
     clock.advance(lease_ms + 1)
 

@@ -10,7 +10,8 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from app import repository as repo
+from app import repository_lookup as lookup_repo
+from app.models import delayed_event
 from app.service import PAGE_BYTES
 from tests.integration.common import ALICE, UNSTABLE, V1, act, schedule_message
 from tests.support.fakes import FakeClock
@@ -62,14 +63,14 @@ async def test_a_page_of_large_finalised_events_stops_at_the_size_budget(
         ids.append(delay_id)
         clock.advance(1)
     loaded: list[int] = []
-    list_finalised = repo.list_finalised
+    list_finalised = lookup_repo.list_finalised
 
-    async def counting(*args: Any, **kwargs: Any) -> repo.Page:
+    async def counting(*args: Any, **kwargs: Any) -> lookup_repo.Page:
         result = await list_finalised(*args, **kwargs)
         loaded.append(len(result.events))
         return result
 
-    monkeypatch.setattr(repo, "list_finalised", counting)
+    monkeypatch.setattr(lookup_repo, "list_finalised", counting)
     first, size = await page(client, "status=finalised&limit=1000")
     # Each item carries its content twice (flat and under delayed_event): ~120 KB an item.
     assert 1 <= len(first["finalised"]) < 12
@@ -131,7 +132,7 @@ async def test_stored_content_is_spliced_in_once_per_place_it_is_shown(
     assert (await act(client, finalised, "cancel", headers=ALICE)).status_code == 200
     async with app.state.container.engine.begin() as conn:
         await conn.execute(
-            repo.delayed_event.update().values(content='{"marker":1e2}'),
+            delayed_event.update().values(content='{"marker":1e2}'),
         )
     r = await client.get(f"{V1}/delayed_events?status=finalised", headers=ALICE)
     assert r.text.count('{"marker":1e2}') == 2  # flat and under delayed_event

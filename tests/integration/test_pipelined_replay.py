@@ -15,7 +15,8 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import text
 
-from app import repository as repo
+from app import repository_claims as claims_repo
+from app.models import DelayedEvent
 from tests.integration.common import (
     ALICE,
     BOB,
@@ -66,13 +67,13 @@ async def test_outcomes_of_a_room_are_written_together_and_in_order(
 ) -> None:
     ids = [await schedule_message(client, 1000 + n, txn=f"t{n}") for n in range(6)]
     writes: list[list[str]] = []
-    write = repo.finalise_sent_many
+    write = claims_repo.finalise_sent_many
 
-    async def recording(conn: Any, outcomes: list[repo.SentOutcome]) -> set[str]:
+    async def recording(conn: Any, outcomes: list[claims_repo.SentOutcome]) -> set[str]:
         writes.append([o.event.delay_id for o in outcomes])
         return await write(conn, outcomes)
 
-    monkeypatch.setattr(repo, "finalise_sent_many", recording)
+    monkeypatch.setattr(claims_repo, "finalise_sent_many", recording)
     clock.advance(2000)
     assert await run_due(app) == 6
     # Sent one after the other, in send-time order...
@@ -101,15 +102,15 @@ async def test_a_failed_outcome_write_replays_the_events_once_the_lease_lapses(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     ids = [await schedule_message(client, 1000, txn=f"t{n}") for n in range(3)]
-    write = repo.finalise_sent_many
+    write = claims_repo.finalise_sent_many
     failures = [ConnectionError("database went away")]
 
-    async def flaky(conn: Any, outcomes: list[repo.SentOutcome]) -> set[str]:
+    async def flaky(conn: Any, outcomes: list[claims_repo.SentOutcome]) -> set[str]:
         if failures:
             raise failures.pop()
         return await write(conn, outcomes)
 
-    monkeypatch.setattr(repo, "finalise_sent_many", flaky)
+    monkeypatch.setattr(claims_repo, "finalise_sent_many", flaky)
     clock.advance(1000)
     await run_due(app)
     stuck = [r for r in await rows(app) if r["status"] == "scheduled"]
@@ -132,14 +133,14 @@ async def test_an_outcome_under_a_lapsed_claim_is_not_written(
     clock.advance(1000)
     engine = app.state.container.engine
     async with engine.begin() as conn:
-        (event,) = await repo.claim_due(conn, clock.now_ms(), 60_000, 10)
+        (event,) = await claims_repo.claim_due(conn, clock.now_ms(), 60_000, 10)
         # Another replica's claim took the row over.
         await conn.execute(
             text("UPDATE delayed_event SET claim_id = 'other' WHERE delay_id = :d"),
             {"d": delay_id},
         )
-        done = await repo.finalise_sent_many(
-            conn, [repo.SentOutcome(event, "$late", "delay", clock.now_ms())]
+        done = await claims_repo.finalise_sent_many(
+            conn, [claims_repo.SentOutcome(event, "$late", "delay", clock.now_ms())]
         )
     assert done == set()
     (row,) = await rows(app)
@@ -206,7 +207,7 @@ async def test_a_failing_state_check_fails_only_its_event_and_it_is_retried(
     check = replayer._newer_state
     broken = {"a"}
 
-    async def sometimes_broken(event: repo.DelayedEvent, credential: Any, *rest: Any) -> Any:
+    async def sometimes_broken(event: DelayedEvent, credential: Any, *rest: Any) -> Any:
         if event.state_key in broken:
             broken.discard(event.state_key)
             raise RuntimeError("unexpected")

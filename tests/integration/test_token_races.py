@@ -16,6 +16,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app import repository as repo
+from app import repository_claims as claims_repo
+from app import repository_tokens as tokens_repo
 from app.replayer import Replayer
 from tests.integration.common import (
     ALICE,
@@ -61,7 +63,7 @@ async def test_a_cancel_does_not_drop_the_token_a_concurrent_schedule_of_the_dev
     last = await schedule_message(client, 60_000, txn="old")
     stored_token = asyncio.Event()
     commit = asyncio.Event()
-    store = repo.store_token
+    store = tokens_repo.store_token
 
     async def store_then_hold(conn: AsyncConnection, *args: Any, **kwargs: Any) -> None:
         await store(conn, *args, **kwargs)
@@ -77,7 +79,7 @@ async def test_a_cancel_does_not_drop_the_token_a_concurrent_schedule_of_the_dev
         cancel_started.set()
         return await cancel(conn, *args)
 
-    monkeypatch.setattr(repo, "store_token", store_then_hold)
+    monkeypatch.setattr(tokens_repo, "store_token", store_then_hold)
     monkeypatch.setattr(repo, "cancel", cancel_noting_backend)
     scheduling = asyncio.create_task(schedule_message(client, 1000, txn="new"))
     await stored_token.wait()
@@ -164,8 +166,8 @@ async def test_a_claim_keeps_the_token_it_loaded_when_an_event_of_the_device_is_
 
         claim_waits = asyncio.Event()
         a_written = asyncio.Event()
-        load = repo.load_tokens
-        write = repo.finalise_sent_many
+        load = tokens_repo.load_tokens
+        write = claims_repo.finalise_sent_many
 
         async def hold_claim_commit() -> None:
             claim_waits.set()
@@ -179,8 +181,8 @@ async def test_a_claim_keeps_the_token_it_loaded_when_an_event_of_the_device_is_
             engine.after_commit[conn] = a_written.set
             return await write(conn, outcomes)
 
-        monkeypatch.setattr(repo, "load_tokens", load_then_hold)
-        monkeypatch.setattr(repo, "finalise_sent_many", write_then_tell)
+        monkeypatch.setattr(tokens_repo, "load_tokens", load_then_hold)
+        monkeypatch.setattr(claims_repo, "finalise_sent_many", write_then_tell)
         clock.advance(1000)
         assert await replayer.run_due() is None  # the run going on claims B
         await claim_waits.wait()

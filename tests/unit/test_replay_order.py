@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections import deque
 
+from app.models import DelayedEvent
 from app.replayer import next_group
-from app.repository import DelayedEvent
 
 MEMBER = "org.matrix.msc3401.call.member"
 
