@@ -30,6 +30,7 @@ from app.homeserver import Homeserver
 from app.liveness import ReplicaLock
 from app.logs import RequestIdMiddleware
 from app.ratelimit import RateLimits, TokenBuckets
+from app.replay.tokens import Credentials
 from app.replayer import Replayer
 from app.scheduler import WakeUpScheduler
 from app.service import DelayedEventService
@@ -69,7 +70,12 @@ def build_container(
     replayer.liveness = ReplicaLock(engine, settings.liveness_check_seconds)
     scheduler_box: list[WakeUpScheduler] = []
     service = DelayedEventService(
-        engine, replayer, cipher, clock, settings, wake_at=lambda ts: scheduler_box[0].wake(ts)
+        engine,
+        replayer,
+        Credentials(engine, cipher, settings),
+        clock,
+        settings,
+        wake_at=lambda ts: scheduler_box[0].wake(ts),
     )
     scheduler = WakeUpScheduler(
         run_due=replayer.run_due,

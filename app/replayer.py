@@ -32,6 +32,7 @@ from app.homeserver import Credential, Homeserver, Refused, ReplayResult, Sent, 
 from app.liveness import ReplicaLock
 from app.logs import LogId
 from app.models import CANCELLED, FAILED, SENT, DelayedEvent
+from app.replay.tokens import token_context
 from app.settings import Settings
 from app.tasks import retrieve_exception
 
@@ -51,10 +52,6 @@ def log_id(delay_id: str) -> str:
     """How logs name an event: the first characters of its delay_id, enough to find its row but
     not to act on it (a whole delay_id lets a tokenless call send, cancel or restart it)."""
     return LogId(delay_id[:6] + "...")
-
-
-def token_context(user_id: str, device_id: str | None) -> str:
-    return f"{user_id}\n{device_id or ''}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,19 +16,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import repository as repo
 from app.clock import Clock
+from app.replay.tokens import SealedToken
 
 # Bounds a statement's size; more waiting restarts simply make the next batch.
 MAX_BATCH = 500
-
-
-@dataclass(frozen=True, slots=True)
-class SealedToken:
-    """A device's access token as stored: encrypted, and its digest."""
-
-    user_id: str
-    device_id: str | None
-    token: bytes
-    digest: bytes
 
 
 @dataclass(slots=True)

@@ -20,7 +20,6 @@ from app import repository_lookup as lookup_repo
 from app import repository_tokens as tokens_repo
 from app.auth import Requester
 from app.clock import Clock
-from app.crypto import TokenCipher
 from app.delay_ids import DelayIds, Kind
 from app.errors import (
     Conflict,
@@ -32,8 +31,9 @@ from app.errors import (
     StoredCredentialFailed,
 )
 from app.models import CANCELLED, FAILED, SCHEDULED, SENT, DelayedEvent, storable_text
-from app.replayer import NEWER_STATE_ERROR, Replayer, TakenOver, token_context
-from app.restarts import RestartBatcher, SealedToken
+from app.replay.tokens import Credentials
+from app.replayer import NEWER_STATE_ERROR, Replayer, TakenOver
+from app.restarts import RestartBatcher
 from app.settings import Settings
 
 
@@ -78,14 +78,14 @@ class DelayedEventService:
         self,
         engine: AsyncEngine,
         replayer: Replayer,
-        cipher: TokenCipher,
+        credentials: Credentials,
         clock: Clock,
         settings: Settings,
         wake_at: Callable[[int], None],
     ) -> None:
         self.engine = engine
         self.replayer = replayer
-        self.cipher = cipher
+        self.credentials = credentials
         self.clock = clock
         self.settings = settings
         self._wake_at = wake_at
@@ -159,7 +159,10 @@ class DelayedEventService:
                 send_ts=now + request.delay_ms,
             )
             if self._keeps_tokens:
-                await tokens_repo.store_token(conn, user, device, **self._sealed(requester, now))
+                sealed = self.credentials.seal(requester)
+                await tokens_repo.store_token(
+                    conn, user, device, token=sealed.token, digest=sealed.digest, now=now
+                )
         metrics.SCHEDULED.labels(request.generation, "ok").inc()
         self._wake_at(now + request.delay_ms)
         return delay_id
@@ -179,17 +182,15 @@ class DelayedEventService:
         """Every authenticated request refreshes the token its device's events replay with."""
         if self._keeps_tokens:
             now = self.clock.now_ms()
+            sealed = self.credentials.seal(requester)
             await tokens_repo.refresh_token(
-                conn, requester.user_id, requester.device_id, **self._sealed(requester, now)
+                conn,
+                requester.user_id,
+                requester.device_id,
+                token=sealed.token,
+                digest=sealed.digest,
+                now=now,
             )
-
-    def _sealed(self, requester: Requester, now: int) -> dict[str, Any]:
-        context = token_context(requester.user_id, requester.device_id)
-        return {
-            "token": self.cipher.encrypt(requester.token, context=context),
-            "digest": self.cipher.digest(requester.token),
-            "now": now,
-        }
 
     # Management --------------------------------------------------------------------------------
 
@@ -256,10 +257,7 @@ class DelayedEventService:
         generation = "B" if v1 else "A"
         token = None
         if requester is not None and self._keeps_tokens:
-            sealed = self._sealed(requester, now)
-            token = SealedToken(
-                requester.user_id, requester.device_id, sealed["token"], sealed["digest"]
-            )
+            token = self.credentials.seal(requester)
         if await self.restarts.restart(delay_id, owner, token):
             metrics.RESTARTED.labels(generation, "ok").inc()
             return

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from app import repository as repo
 from app import repository_claims as claims_repo
 from app import repository_tokens as tokens_repo
+from app.crypto import TokenCipher
 from app.replayer import Replayer
 from tests.integration.common import (
     ALICE,
@@ -156,7 +157,7 @@ async def test_a_claim_keeps_the_token_it_loaded_when_an_event_of_the_device_is_
         replayer = Replayer(
             cast(AsyncEngine, engine),
             container.homeserver,
-            container.service.cipher,
+            TokenCipher(container.settings.token_keys),
             clock,
             container.settings,
         )

@@ -1,0 +1,1 @@
+"""Replaying delayed events to the homeserver, as the user who scheduled them."""
