@@ -24,7 +24,7 @@ from app import repository_tokens as tokens_repo
 from app.clock import Clock
 from app.errors import Conflict, InvalidParam, NotFound
 from app.models import CANCELLED, SCHEDULED, SENT
-from app.replayer import log_id
+from app.replay import log_id
 from app.repository_admin import ADMIN_STATUSES, SENDING, AdminEvent, AdminFilter
 from app.service import decode_cursor, encode_cursor
 

@@ -30,8 +30,7 @@ from app.homeserver import Homeserver
 from app.liveness import ReplicaLock
 from app.logs import RequestIdMiddleware
 from app.ratelimit import RateLimits, TokenBuckets
-from app.replay.tokens import Credentials
-from app.replayer import Replayer
+from app.replay import Credentials, ReplayEngine, ReplayRunner, SendAction, WakeUp
 from app.scheduler import WakeUpScheduler
 from app.service import DelayedEventService
 from app.settings import Settings
@@ -65,36 +64,36 @@ def build_container(
         limits=httpx.Limits(max_connections=100, max_keepalive_connections=50),
     )
     homeserver = Homeserver(settings.homeserver_url, client)
-    cipher = TokenCipher(settings.token_keys)
-    replayer = Replayer(engine, homeserver, cipher, clock, settings)
-    replayer.liveness = ReplicaLock(engine, settings.liveness_check_seconds)
-    scheduler_box: list[WakeUpScheduler] = []
+    # The one wake-up: asked for times by the service, the runs and the send action; the
+    # scheduler's alarm answers it once started.
+    wakeup = WakeUp()
+    liveness = ReplicaLock(engine, settings.liveness_check_seconds)
+    credentials = Credentials(engine, TokenCipher(settings.token_keys), settings)
+    replay_engine = ReplayEngine(engine, homeserver, clock, settings, wakeup)
+    replay = ReplayRunner(engine, replay_engine, credentials, clock, settings, wakeup, liveness)
+    send_action = SendAction(replay_engine, credentials, replay.new_keeper, clock, wakeup, liveness)
     service = DelayedEventService(
-        engine,
-        replayer,
-        Credentials(engine, cipher, settings),
-        clock,
-        settings,
-        wake_at=lambda ts: scheduler_box[0].wake(ts),
+        engine, replay, send_action, credentials, clock, settings, wake_at=wakeup.wake
     )
     scheduler = WakeUpScheduler(
-        run_due=replayer.run_due,
-        next_due=replayer.next_due,
+        wakeup=wakeup,
+        run_due=replay.run_due,
+        next_due=replay.next_due,
         prune=service.prune,
         clock=clock,
         sweep_seconds=settings.sweep_interval_seconds,
         prune_seconds=settings.prune_interval_seconds,
-        free_dead_claims=replayer.free_dead_claims,
+        free_dead_claims=replay.free_dead_claims,
         check_seconds=settings.liveness_check_seconds,
     )
-    scheduler_box.append(scheduler)
-    replayer.wake = scheduler.wake
     return Container(
         settings=settings,
         engine=engine,
         homeserver=homeserver,
         auth=Authenticator(homeserver, settings.whoami_cache_seconds, clock),
         service=service,
+        replay_engine=replay_engine,
+        replay=replay,
         scheduler=scheduler,
         limits=_rate_limits(settings, clock),
     )
@@ -119,7 +118,7 @@ class Drain:
         if self._task is not None:
             return
         self._container.scheduler.drain()
-        self._container.service.replayer.draining = True
+        self._container.replay.draining = True
         self._task = asyncio.get_running_loop().create_task(self._drain())
 
     async def wait(self) -> None:
@@ -135,7 +134,7 @@ class Drain:
         # outcome written.
         timeout = 2 * settings.homeserver_timeout_seconds + 5
         try:
-            done = await self._container.service.replayer.drain(timeout)
+            done = await self._container.replay.drain(timeout)
         except Exception:
             logger.exception("draining failed; claims left are taken over once the lock is gone")
             return
@@ -182,7 +181,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        liveness = container.service.replayer.liveness
+        liveness = container.replay.liveness
         if start_scheduler:
             # The lock first: the first run's claims name it.
             if liveness is not None:

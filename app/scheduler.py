@@ -13,6 +13,7 @@ from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from app.clock import Clock
+from app.replay.wakeup import WakeUp
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +22,7 @@ WAKE_JOB = "wake"
 
 class WakeUpScheduler:
     """Runs `run_due` when the earliest event is due, then asks `next_due` when to wake again.
+    The times come through `wakeup`, which this clock's alarm answers once started.
 
     `run_due` answers None when a run is already going on: it has been told that more may be
     due, and sets the wake-ups it needs while it goes on; the run's own tick asks `next_due`
@@ -29,6 +31,7 @@ class WakeUpScheduler:
     def __init__(
         self,
         *,
+        wakeup: WakeUp,
         run_due: Callable[[], Awaitable[int | None]],
         next_due: Callable[[], Awaitable[int | None]],
         prune: Callable[[], Awaitable[int]],
@@ -38,6 +41,7 @@ class WakeUpScheduler:
         free_dead_claims: Callable[[], Awaitable[int]] | None = None,
         check_seconds: float = 1.0,
     ) -> None:
+        self._wakeup = wakeup
         self._run_due = run_due
         self._next_due = next_due
         self._prune = prune
@@ -47,8 +51,11 @@ class WakeUpScheduler:
         self._free_dead_claims = free_dead_claims
         self._check_seconds = check_seconds
         self._scheduler = AsyncIOScheduler(timezone=UTC)
-        self.wake_at: int | None = None
-        self._draining = False
+
+    @property
+    def wake_at(self) -> int | None:
+        """When the alarm is set for, if it is."""
+        return self._wakeup.wake_at
 
     @property
     def running(self) -> bool:
@@ -80,19 +87,17 @@ class WakeUpScheduler:
                 max_instances=1,
                 coalesce=True,
             )
-        self.wake_at = None
-        self.wake(self._clock.now_ms())
+        self._wakeup.start(self._set_alarm, self._clock.now_ms())
 
     @property
     def draining(self) -> bool:
         """The replica is shutting down: no wake-up, sweep or check runs any more."""
-        return self._draining
+        return self._wakeup.stopped
 
     def drain(self) -> None:
-        """Stop every job from starting again (a job already running goes on; the replayer's
+        """Stop every job from starting again (a job already running goes on; the replay's
         drain ends its run); `wake` does nothing from now on."""
-        self._draining = True
-        self.wake_at = None
+        self._wakeup.stop()
         if self._scheduler.running:
             self._scheduler.pause()
 
@@ -102,9 +107,9 @@ class WakeUpScheduler:
 
     def wake(self, at_ms: int) -> None:
         """Make sure the scheduler wakes by `at_ms`; a later time than the one set is a no-op."""
-        if self._draining or (self.wake_at is not None and self.wake_at <= at_ms):
-            return
-        self.wake_at = at_ms
+        self._wakeup.wake(at_ms)
+
+    def _set_alarm(self, at_ms: int) -> None:
         if not self._scheduler.running:
             return
         self._scheduler.add_job(
@@ -119,7 +124,7 @@ class WakeUpScheduler:
 
     async def tick(self) -> None:
         """Replay what is due, then set the wake-up for the next due event."""
-        self.wake_at = None
+        self._wakeup.rung()
         try:
             if await self._run_due() is None:
                 return  # a run is going on; it has been poked and sets its own wake-ups

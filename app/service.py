@@ -31,8 +31,7 @@ from app.errors import (
     StoredCredentialFailed,
 )
 from app.models import CANCELLED, FAILED, SCHEDULED, SENT, DelayedEvent, storable_text
-from app.replay.tokens import Credentials
-from app.replayer import NEWER_STATE_ERROR, Replayer, TakenOver
+from app.replay import NEWER_STATE_ERROR, Credentials, ReplayRunner, SendAction, TakenOver
 from app.restarts import RestartBatcher
 from app.settings import Settings
 
@@ -77,14 +76,16 @@ class DelayedEventService:
     def __init__(
         self,
         engine: AsyncEngine,
-        replayer: Replayer,
+        replay: ReplayRunner,
+        send_action: SendAction,
         credentials: Credentials,
         clock: Clock,
         settings: Settings,
         wake_at: Callable[[int], None],
     ) -> None:
         self.engine = engine
-        self.replayer = replayer
+        self.replay = replay
+        self.send_action = send_action
         self.credentials = credentials
         self.clock = clock
         self.settings = settings
@@ -223,7 +224,7 @@ class DelayedEventService:
                 done = await repo.cancel(conn, delay_id, owner, now)
             else:
                 lease = int(self.settings.claim_lease_seconds * 1000)
-                holder = self.replayer.holder
+                holder = self.send_action.holder
                 claimed = await repo.claim_one(conn, delay_id, owner, now, lease, holder)
                 done = claimed is not None
             if requester is not None:
@@ -235,7 +236,7 @@ class DelayedEventService:
             return
         if claimed is not None:
             try:
-                await self.replayer.send_now(claimed)
+                await self.send_action.send(claimed)
             except StoredCredentialFailed as exc:
                 # Finalised by the failure: answered as a repeat of the action would be now.
                 if v1:
@@ -295,7 +296,7 @@ class DelayedEventService:
         if event is None or event.user_id != requester.user_id:
             raise NotFound("Delayed event not found")
         if event.status == SCHEDULED and event.claim_id is not None:
-            await self.replayer.settle(delay_id, self.settings.homeserver_timeout_seconds)
+            await self.replay.settle(delay_id, self.settings.homeserver_timeout_seconds)
             async with self.engine.connect() as conn:
                 event = await repo.get(conn, delay_id) or event
         return RenderedJSON(render(event))

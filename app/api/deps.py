@@ -10,6 +10,7 @@ from starlette.requests import Request
 from app.auth import Authenticator
 from app.homeserver import Homeserver
 from app.ratelimit import RateLimits
+from app.replay import ReplayEngine, ReplayRunner
 from app.scheduler import WakeUpScheduler
 from app.service import DelayedEventService
 from app.settings import Settings
@@ -22,6 +23,8 @@ class Container:
     homeserver: Homeserver
     auth: Authenticator
     service: DelayedEventService
+    replay_engine: ReplayEngine
+    replay: ReplayRunner
     scheduler: WakeUpScheduler
     limits: RateLimits
 

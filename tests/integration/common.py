@@ -121,7 +121,7 @@ async def get_event(
 
 
 async def run_due(app: FastAPI) -> int:
-    handled = await app.state.container.service.replayer.run_due()
+    handled = await app.state.container.replay.run_due()
     assert handled is not None, "no run was going on"
     return handled
 

@@ -49,7 +49,7 @@ async def test_replay_uses_the_application_service_as_the_user(
     # The user's own token dies before the event is due.
     del appservice_homeserver.tokens["alice_token"]
     clock.advance(1000)
-    await app.state.container.service.replayer.run_due()
+    await app.state.container.replay.run_due()
     put = appservice_homeserver.replays()[-1]
     assert put.headers["authorization"] == f"Bearer {AS_TOKEN}"
     assert put.url.params["user_id"] == "@alice:test"
@@ -79,7 +79,7 @@ async def test_a_logged_out_device_still_sends_as_the_user(
     for token in ("alice_token", "alice_token_2"):
         del appservice_homeserver.tokens[token]
     clock.advance(1000)
-    await app.state.container.service.replayer.run_due()
+    await app.state.container.replay.run_due()
     puts = appservice_homeserver.replays()
     assert "device_id" in puts[-2].url.params
     assert "device_id" not in puts[-1].url.params
@@ -142,7 +142,7 @@ async def test_a_stored_query_cannot_name_who_the_replay_acts_as(
             {"q": "user_id=%40bob%3Atest&ts=1000&device_id=BOBDEV", "d": delay_id},
         )
     clock.advance(1000)
-    await app.state.container.service.replayer.run_due()
+    await app.state.container.replay.run_due()
     put = appservice_homeserver.replays()[-1]
     assert put.url.params.get_list("user_id") == ["@alice:test"]
     assert put.url.params.get_list("device_id") == ["ALICEDEV"]

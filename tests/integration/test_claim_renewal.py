@@ -18,7 +18,6 @@ from sqlalchemy import text
 from app import repository_claims as claims_repo
 from app.crypto import new_key
 from app.main import create_app
-from app.replayer import _ClaimKeeper
 from tests.conftest import make_settings
 from tests.integration.common import ALICE, enc, schedule_message, state_path
 from tests.support.apps import app_and_client
@@ -65,7 +64,7 @@ async def test_lease_is_renewed_while_a_batch_is_sent(
         for n in range(4):
             await schedule_message(client, 1000, txn=f"t{n}")
     clock.advance(1000)
-    assert await app.state.container.service.replayer.run_due() == 4
+    assert await app.state.container.replay.run_due() == 4
     assert stolen == [0, 0, 0, 0]
     assert len(homeserver.messages) == 4
 
@@ -76,12 +75,12 @@ async def test_events_claimed_while_a_renewal_is_on_its_way_stay_held(
     for n in range(2):
         await schedule_message(client, 1000, txn=f"first{n}")
     await schedule_message(client, 30_000, txn="later")
-    replayer = app.state.container.service.replayer
+    replay = app.state.container.replay
     engine = app.state.container.engine
     clock.advance(1000)
     async with engine.begin() as conn:
         first = await claims_repo.claim_due(conn, clock.now_ms(), 60_000, 10)
-    keeper = _ClaimKeeper(replayer)
+    keeper = replay.new_keeper()
     keeper.add(first, clock.now_ms())
     clock.advance(29_000)  # past a third of the lease: the next check renews
     async with engine.begin() as conn:
@@ -119,7 +118,7 @@ async def test_events_waiting_for_a_request_slot_keep_their_claims(
             return homeserver.handle(request)
         clock.advance(2000)
         answer = homeserver.handle(request)
-        other_found.append(await other[0].state.container.service.replayer.run_due())
+        other_found.append(await other[0].state.container.replay.run_due())
         return answer
 
     async def second(request: httpx.Request) -> httpx.Response:
@@ -146,7 +145,7 @@ async def test_events_waiting_for_a_request_slot_keep_their_claims(
             )
             assert r.status_code == 200, r.text
         clock.advance(1000)
-        assert await a.state.container.service.replayer.run_due() == 5
+        assert await a.state.container.replay.run_due() == 5
     puts = Counter(unquote(_last_segment(r)) for r in homeserver.replays())
     assert puts == {f"@alice:test_DEV{n}": 1 for n in range(5)}, puts
     assert set(other_found) == {0}, other_found
@@ -211,7 +210,7 @@ async def test_a_replica_holds_no_more_claimed_events_than_its_bound(
                 )
             )
         clock.advance(1000)
-        assert await app.state.container.service.replayer.run_due() == 1000
+        assert await app.state.container.replay.run_due() == 1000
     assert max(held_at_sends) <= bound, max(held_at_sends)
     paths = Counter(r.url.raw_path for r in homeserver.replays())
     assert len(paths) == 1000
@@ -224,13 +223,13 @@ async def test_a_claim_taken_again_stays_renewed_when_the_first_is_let_go(
     """The same event claimed twice by one run (its first claim lapsed meanwhile) is two claims:
     letting go of the first does not let go of the second, which is renewed as before."""
     await schedule_message(client, 1000)
-    replayer = app.state.container.service.replayer
+    replay = app.state.container.replay
     engine = app.state.container.engine
-    lease = replayer._lease_ms
+    lease = replay.lease_ms
     clock.advance(1000)
     async with engine.begin() as conn:
         (first,) = await claims_repo.claim_due(conn, clock.now_ms(), lease, 10)
-    keeper = _ClaimKeeper(replayer)
+    keeper = replay.new_keeper()
     keeper.add([first], clock.now_ms())
     clock.advance(lease + 1)  # the first claim lapses; the run claims the event again
     async with engine.begin() as conn:

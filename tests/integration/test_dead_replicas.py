@@ -23,19 +23,19 @@ from tests.support.apps import app_and_client
 from tests.support.fakes import FakeClock, FakeHomeserver
 
 
-def _replayer(app: FastAPI) -> Any:
-    return app.state.container.service.replayer
+def _replay(app: FastAPI) -> Any:
+    return app.state.container.replay
 
 
 async def _stop_session(app: FastAPI) -> None:
     """The replica's process is gone: its database session ends, and its lock with it."""
-    await _replayer(app).liveness.stop()
+    await _replay(app).liveness.stop()
 
 
 async def _end_session_from_the_server(app: FastAPI) -> None:
     """The server ends the session holding the lock (a restart, a network blip); the replica
     itself lives on and has not noticed yet."""
-    key = _replayer(app).liveness.key
+    key = _replay(app).liveness.key
     async with app.state.container.engine.connect() as conn:
         ended = await conn.execute(
             text(
@@ -92,7 +92,7 @@ async def test_a_gone_replicas_claims_are_taken_over_at_once_and_sent_once(
         app_and_client(database_url, clock, httpx.MockTransport(direct), token_keys=key) as (b, _),
     ):
         for app in (a, b):
-            assert await _replayer(app).liveness.acquire()
+            assert await _replay(app).liveness.acquire()
         try:
             message = await schedule_message(client, 1000)
             r = await client.put(
@@ -102,15 +102,15 @@ async def test_a_gone_replicas_claims_are_taken_over_at_once_and_sent_once(
             )
             state = r.json()["delay_id"]
             clock.advance(1001)
-            a_run = asyncio.create_task(_replayer(a).run_due())
+            a_run = asyncio.create_task(_replay(a).run_due())
             await in_gate.wait()
             claims = {row["delay_id"]: row["claim_id"] for row in await rows(a)}
-            key = str(_replayer(a).liveness.key)
+            key = str(_replay(a).liveness.key)
             assert {claim.split(".")[0] for claim in claims.values()} == {key}
 
             await gone(a)
             # B's run takes both over at once: no time has passed.
-            assert await _replayer(b).run_due() == 2
+            assert await _replay(b).run_due() == 2
             for delay_id in (message, state):
                 assert (await get_event(client, delay_id))["outcome"] == "send"
 
@@ -119,7 +119,7 @@ async def test_a_gone_replicas_claims_are_taken_over_at_once_and_sent_once(
         finally:
             gate.set()
             for app in (a, b):
-                await _replayer(app).liveness.stop()
+                await _replay(app).liveness.stop()
     puts = Counter(r.url.raw_path.decode().partition("?")[0] for r in homeserver.replays())
     assert sorted(puts.values()) == [1, 2]  # the message, repeated; the state event, once
     assert len(homeserver.messages) == 1
@@ -135,18 +135,18 @@ async def test_claims_naming_no_lock_keep_their_lease(
     freed only when their time comes."""
     await schedule_message(client, 1000, txn="old")
     retried = await schedule_message(client, 1000, txn="doubt")
-    replayer = _replayer(app)
+    replay = _replay(app)
     clock.advance(1000)
     async with app.state.container.engine.begin() as conn:
-        claimed = await claims_repo.claim_due(conn, clock.now_ms(), replayer._lease_ms, 10)
+        claimed = await claims_repo.claim_due(conn, clock.now_ms(), replay.lease_ms, 10)
         (doubt,) = [e for e in claimed if e.delay_id == retried]
         await claims_repo.retry_later(
             conn, doubt, due_ts=clock.now_ms() + 5000, first_failure_ts=0, in_doubt=True
         )
-    assert await replayer.free_dead_claims() == 0
-    assert await replayer.run_due() == 0
+    assert await replay.free_dead_claims() == 0
+    assert await replay.run_due() == 0
     clock.advance(5000)
-    assert await replayer.run_due() == 1
+    assert await replay.run_due() == 1
 
 
 async def test_a_replica_that_lost_its_lock_takes_a_new_key(
@@ -154,7 +154,7 @@ async def test_a_replica_that_lost_its_lock_takes_a_new_key(
 ) -> None:
     """After its lock's session ends, the replica's check notices, and the new lock it takes
     has a new key: claims under the old one count as a gone replica's."""
-    liveness = _replayer(app).liveness
+    liveness = _replay(app).liveness
     try:
         assert await liveness.acquire()
         assert await liveness.check()
@@ -170,6 +170,6 @@ async def test_a_replica_that_lost_its_lock_takes_a_new_key(
         assert liveness.key not in (None, old)
         async with app.state.container.engine.begin() as conn:
             assert not await claims_repo.recheck_claim(conn, claimed, clock.now_ms() + 60_000)
-        assert await _replayer(app).free_dead_claims() == 1
+        assert await _replay(app).free_dead_claims() == 1
     finally:
         await liveness.stop()

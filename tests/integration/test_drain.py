@@ -59,14 +59,14 @@ async def test_a_draining_replica_finishes_its_send_and_gives_the_rest_back(
         replay_concurrency=1,
         claim_lease_seconds=60,
     ) as (app, client):
-        replayer = app.state.container.service.replayer
+        replay = app.state.container.replay
         # One room's first event or the other room's takes the one request slot and is held at
         # the homeserver; the rest wait, claimed: behind it in its room, or for the slot.
         await schedule_message(client, 1000, txn="a1", room=enc("!a:test"))
         await schedule_message(client, 1000, txn="a2", room=enc("!a:test"))
         await schedule_message(client, 1000, txn="b1", room=enc("!b:test"))
         clock.advance(1000)
-        run = asyncio.create_task(replayer.run_due())
+        run = asyncio.create_task(replay.run_due())
         await asyncio.wait_for(taken.wait(), WAIT_SECONDS)
         claimed = _by_body(await rows(app))
         assert all(row["claim_id"] is not None for row in claimed.values()), claimed
@@ -113,7 +113,7 @@ async def test_a_draining_replica_finishes_its_send_and_gives_the_rest_back(
         assert sent[0].endswith("/msc4140." + stored[held]["delay_id"])
 
         # Still draining: a new run claims nothing.
-        await replayer.run_due()
+        await replay.run_due()
         again = _by_body(await rows(app))
         assert all(again[b]["claim_id"] is None for b in [*waiting, "late"])
         assert len(homeserver.replays()) == 1

@@ -178,15 +178,15 @@ async def test_the_single_lookup_of_an_event_being_written_shows_it_sent(
     scheduled."""
     delay_id = await schedule_message(client, 1000)
     writing, release = hold_outcome_writes(monkeypatch)
-    replayer = app.state.container.service.replayer
+    replay = app.state.container.replay
     settling = asyncio.Event()
-    settle = replayer.settle
+    settle = replay.settle
 
     async def noted(delay_id: str, timeout: float) -> None:
         settling.set()
         await settle(delay_id, timeout)
 
-    monkeypatch.setattr(replayer, "settle", noted)
+    monkeypatch.setattr(replay, "settle", noted)
     clock.advance(1000)
     run = asyncio.create_task(run_due(app))
     await writing.wait()

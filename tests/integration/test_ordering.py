@@ -32,7 +32,7 @@ async def test_overdue_events_replay_in_send_time_order(
     for n, delay in enumerate([5000, 1000, 3000, 2000, 4000]):
         await _state(client, "alice_token", f"k{n}", delay, n, kind="m.room.member")
     clock.advance(10_000)
-    await app.state.container.service.replayer.run_due()
+    await app.state.container.replay.run_due()
     order = [r.url.raw_path.decode().rsplit("/", 1)[-1] for r in homeserver.replays()]
     assert order == ["k1", "k3", "k2", "k4", "k0"]
 
@@ -45,11 +45,11 @@ async def test_later_state_for_one_key_waits_for_the_earlier(
     # The earlier one fails transiently; the later one must not overtake it.
     homeserver.fail_next.append(httpx.Response(503, json={"errcode": "M_UNKNOWN", "error": "x"}))
     clock.advance(3000)
-    replayer = app.state.container.service.replayer
-    await replayer.run_due()
+    replay = app.state.container.replay
+    await replay.run_due()
     assert ("!room:test", "m.topic", "same") not in homeserver.state
     clock.advance(60_000)
-    await replayer.run_due()
+    await replay.run_due()
     assert homeserver.state[("!room:test", "m.topic", "same")]["content"] == {"n": 2}
     contents = [r.content for r in homeserver.replays()]
     assert contents == [b'{"n":1}', b'{"n":1}', b'{"n":2}']

@@ -203,8 +203,8 @@ async def test_a_failing_state_check_fails_only_its_event_and_it_is_retried(
 ) -> None:
     first = await schedule_state(client, 1000, key="a")
     second = await schedule_state(client, 1001, key="b")
-    replayer = app.state.container.service.replayer
-    check = replayer._newer_state
+    replay_engine = app.state.container.replay_engine
+    check = replay_engine.newer_state
     broken = {"a"}
 
     async def sometimes_broken(event: DelayedEvent, credential: Any, *rest: Any) -> Any:
@@ -213,7 +213,7 @@ async def test_a_failing_state_check_fails_only_its_event_and_it_is_retried(
             raise RuntimeError("unexpected")
         return await check(event, credential, *rest)
 
-    monkeypatch.setattr(replayer, "_newer_state", sometimes_broken)
+    monkeypatch.setattr(replay_engine, "newer_state", sometimes_broken)
     clock.advance(2000)
     await run_due(app)
     assert (await get_event(client, second))["outcome"] == "send"
@@ -333,7 +333,7 @@ async def test_a_long_room_does_not_hold_up_an_event_that_falls_due_meanwhile(
             busy_sends += 1
             clock.advance(1000)  # each send in the busy room takes a second
             # The clock's wake-up for the other room's event: the run is going on, so it pokes.
-            answers.append(await holder[0].state.container.service.replayer.run_due())
+            answers.append(await holder[0].state.container.replay.run_due())
             if busy_sends == 3:
                 # The other room's event is due by now; it goes out while this send is slow.
                 with contextlib.suppress(TimeoutError):
@@ -365,15 +365,15 @@ async def test_a_state_event_waiting_for_its_key_sets_no_wake_up(
     homeserver.fail_next.append(httpx.Response(503, json={"errcode": "M_UNKNOWN", "error": "x"}))
     clock.advance(3000)
     assert await run_due(app) == 1
-    replayer = app.state.container.service.replayer
+    replay = app.state.container.replay
     (retry,) = [r for r in await rows(app) if r["attempts"] == 1]
     assert retry["due_ts"] > clock.now_ms()
-    assert await replayer.next_due() == retry["due_ts"]
+    assert await replay.next_due() == retry["due_ts"]
     # Once the earlier one is sent, the later one is claimed in the same run.
     clock.advance(retry["due_ts"] - clock.now_ms())
     assert await run_due(app) == 2
     assert homeserver.state[(ROOM, MEMBER, "k")]["content"] == {"n": 2}
-    assert await replayer.next_due() is None
+    assert await replay.next_due() is None
 
 
 async def test_a_run_lets_go_of_a_device_token_once_its_events_are_handled(
@@ -387,16 +387,16 @@ async def test_a_run_lets_go_of_a_device_token_once_its_events_are_handled(
 
     async def watch(request: httpx.Request) -> httpx.Response:
         if request.method == "PUT" and "other" in request.url.raw_path.decode():
-            run = holder[0].state.container.service.replayer._run
+            run = holder[0].state.container.replay.run
             assert run is not None
-            held.append(set(run._blobs))
+            held.append(run.devices())
             if len(held) == 8:
                 # Give alice's outcome time to be written (real database I/O), then look again.
                 for _ in range(500):
-                    if alice not in run._blobs:
+                    if alice not in run.devices():
                         break
                     await asyncio.sleep(0.01)
-                held.append(set(run._blobs))
+                held.append(run.devices())
         return homeserver.handle(request)
 
     async with app_with(watch, database_url, clock) as (app, c):
@@ -424,12 +424,12 @@ async def test_a_run_goes_on_when_the_next_due_time_cannot_be_read(
     database can't answer, the sweep finds the next event instead, and this run still ends."""
     for n in range(3):
         await schedule_message(client, 1000, txn=f"t{n}", room=f"%21r{n}%3Atest")
-    replayer = app.state.container.service.replayer
+    replay = app.state.container.replay
 
     async def unreadable() -> int | None:
         raise ConnectionError("database went away")
 
-    monkeypatch.setattr(replayer, "next_due", unreadable)
+    monkeypatch.setattr(replay, "next_due", unreadable)
     clock.advance(1000)
     assert await run_due(app) == 3
     assert len(homeserver.messages) == 3

@@ -3,7 +3,7 @@ the whole answer: a homeserver (or anything on the way) that answers a byte at a
 request open for ever, and with the claim renewed while it is held, the event would be neither
 sent, finalised nor taken over by another replica, and its request slot lost. Here the fake
 transport simply never answers (it enforces no timeout at all), which is the same to the
-replayer."""
+replay."""
 
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ async def test_a_replay_whose_answer_never_ends_is_retried_in_doubt(
         await schedule_message(client, 1000)
         await schedule_state(client, 1000, key="k")
         clock.advance(1000)
-        replayer = app.state.container.service.replayer
-        handled = await asyncio.wait_for(replayer.run_due(), HANG_GUARD_SECONDS)
+        replay = app.state.container.replay
+        handled = await asyncio.wait_for(replay.run_due(), HANG_GUARD_SECONDS)
         assert handled == 2
         stored = await rows(app)
     assert [row["status"] for row in stored] == ["scheduled", "scheduled"]

@@ -53,7 +53,7 @@ async def test_a_send_action_that_lost_its_claim_while_waiting_sends_nothing(
         action = asyncio.create_task(act(client, first, "send", prefix=V1, headers=ALICE))
         await in_gate.wait()
         clock.advance(31_000)  # A's claim of X1 has lapsed; X2 is due
-        assert await b.state.container.service.replayer.run_due() == 2
+        assert await b.state.container.replay.run_due() == 2
         assert _state_puts(homeserver) == [b'{"n":1}', b'{"n":2}']
         gate.set()
         r = await action

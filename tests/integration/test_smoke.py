@@ -18,10 +18,10 @@ async def test_schedule_and_replay(
     )
     assert r.status_code == 200, r.text
     delay_id = r.json()["delay_id"]
-    replayer = app.state.container.service.replayer
-    assert await replayer.run_due() == 0
+    replay = app.state.container.replay
+    assert await replay.run_due() == 0
     clock.advance(1000)
-    assert await replayer.run_due() == 1
+    assert await replay.run_due() == 1
     assert len(homeserver.messages) == 1
     r = await client.get(f"/_matrix/client/v1/delayed_events/{delay_id}", headers=AUTH)
     assert r.json()["outcome"] == "send", r.text

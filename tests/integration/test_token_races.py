@@ -1,6 +1,6 @@
 """A device's stored token is never dropped while one of its events may still need it: neither by
 a concurrent finalise in the database (a schedule of the same device committing at the same
-time), nor by a run of the replayer (an event of the device handled while a claim commits)."""
+time), nor by a run of the replay (an event of the device handled while a claim commits)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from app import repository as repo
 from app import repository_claims as claims_repo
 from app import repository_tokens as tokens_repo
 from app.crypto import TokenCipher
-from app.replayer import Replayer
+from app.replay import Credentials, ReplayEngine, ReplayRunner, WakeUp
 from tests.integration.common import (
     ALICE,
     UNSTABLE,
@@ -98,7 +98,7 @@ async def test_a_cancel_does_not_drop_the_token_a_concurrent_schedule_of_the_dev
     assert await tokens(app) == [("@alice:test", "ALICEDEV")]
 
     clock.advance(1000)
-    assert await app.state.container.service.replayer.run_due() == 1
+    assert await app.state.container.replay.run_due() == 1
     [replay] = homeserver.replays()
     assert bearer(replay) == "alice_token"
     assert (await get_event(client, new))["outcome"] == "send"
@@ -154,15 +154,20 @@ async def test_a_claim_keeps_the_token_it_loaded_when_an_event_of_the_device_is_
         second = await schedule_message(client, 2000, txn="b")
         container = app.state.container
         engine = HeldCommits(container.engine)
-        replayer = Replayer(
-            cast(AsyncEngine, engine),
-            container.homeserver,
-            TokenCipher(container.settings.token_keys),
+        held = cast(AsyncEngine, engine)
+        settings = container.settings
+        wakeup = WakeUp()
+        replay = ReplayRunner(
+            held,
+            ReplayEngine(held, container.homeserver, clock, settings, wakeup),
+            Credentials(held, TokenCipher(settings.token_keys), settings),
             clock,
-            container.settings,
+            settings,
+            wakeup,
+            None,
         )
         clock.advance(1000)
-        run = asyncio.create_task(replayer.run_due())
+        run = asyncio.create_task(replay.run_due())
         await a_arrived.wait()
 
         claim_waits = asyncio.Event()
@@ -185,7 +190,7 @@ async def test_a_claim_keeps_the_token_it_loaded_when_an_event_of_the_device_is_
         monkeypatch.setattr(tokens_repo, "load_tokens", load_then_hold)
         monkeypatch.setattr(claims_repo, "finalise_sent_many", write_then_tell)
         clock.advance(1000)
-        assert await replayer.run_due() is None  # the run going on claims B
+        assert await replay.run_due() is None  # the run going on claims B
         await claim_waits.wait()
         release_a.set()
         assert await run == 2

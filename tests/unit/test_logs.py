@@ -15,7 +15,7 @@ from starlette.types import Receive, Scope, Send
 
 from app import logs
 from app.logs import LogId, RequestIdMiddleware
-from app.replayer import log_id
+from app.replay import log_id
 from app.settings import Settings
 
 logger = logging.getLogger("app.test_logs")

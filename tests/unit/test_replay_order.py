@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import deque
 
 from app.models import DelayedEvent
-from app.replayer import next_group
+from app.replay import next_group
 
 MEMBER = "org.matrix.msc3401.call.member"
 

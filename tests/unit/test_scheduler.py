@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 
+from app.replay import WakeUp
 from app.scheduler import WAKE_JOB, WakeUpScheduler
 from tests.support.fakes import FakeClock
 
@@ -34,6 +35,7 @@ class Table:
 
 def _scheduler(clock: FakeClock, table: Table) -> WakeUpScheduler:
     return WakeUpScheduler(
+        wakeup=WakeUp(),
         run_due=table.run_due,
         next_due=table.next_due,
         prune=table.prune,
@@ -139,6 +141,7 @@ async def test_a_tick_during_a_run_only_pokes_it() -> None:
         return clock.now_ms()
 
     scheduler = WakeUpScheduler(
+        wakeup=WakeUp(),
         run_due=poked,
         next_due=next_due,
         prune=table.prune,
