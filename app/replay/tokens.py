@@ -42,11 +42,6 @@ class Credentials:
         self._cipher = cipher
         self._appservice_token = settings.appservice_token
 
-    @property
-    def keeps_tokens(self) -> bool:
-        """Whether devices' tokens are stored at all (not with an application service)."""
-        return self._appservice_token is None
-
     def seal(self, requester: Requester) -> SealedToken:
         """The requester's token, sealed for its device."""
         context = token_context(requester.user_id, requester.device_id)
