@@ -29,6 +29,7 @@ from app.errors import InvalidParam, MatrixError, Unrecognized
 from app.homeserver import Homeserver
 from app.liveness import ReplicaLock
 from app.logs import RequestIdMiddleware
+from app.lookups import Lookups
 from app.ratelimit import RateLimits, TokenBuckets
 from app.replayer import Replayer
 from app.scheduler import WakeUpScheduler
@@ -89,6 +90,7 @@ def build_container(
         homeserver=homeserver,
         auth=Authenticator(homeserver, settings.whoami_cache_seconds, clock),
         service=service,
+        lookups=Lookups(engine, settings, tokens=service, sends=replayer),
         scheduler=scheduler,
         limits=_rate_limits(settings, clock),
     )

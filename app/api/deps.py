@@ -9,6 +9,7 @@ from starlette.requests import Request
 
 from app.auth import Authenticator
 from app.homeserver import Homeserver
+from app.lookups import Lookups
 from app.ratelimit import RateLimits
 from app.scheduler import WakeUpScheduler
 from app.service import DelayedEventService
@@ -22,6 +23,7 @@ class Container:
     homeserver: Homeserver
     auth: Authenticator
     service: DelayedEventService
+    lookups: Lookups
     scheduler: WakeUpScheduler
     limits: RateLimits
 
