@@ -26,6 +26,7 @@ from app.auth import Authenticator
 from app.clock import Clock, SystemClock
 from app.crypto import TokenCipher
 from app.errors import InvalidParam, MatrixError, Unrecognized
+from app.health import HealthService
 from app.homeserver import Homeserver
 from app.liveness import ReplicaLock
 from app.logs import RequestIdMiddleware
@@ -93,6 +94,7 @@ def build_container(
         lookups=Lookups(engine, settings, tokens=service, sends=replayer),
         scheduler=scheduler,
         limits=_rate_limits(settings, clock),
+        health=HealthService(engine, scheduler, clock, settings),
     )
 
 

@@ -8,6 +8,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
 
 from app.auth import Authenticator
+from app.health import HealthService
 from app.homeserver import Homeserver
 from app.lookups import Lookups
 from app.ratelimit import RateLimits
@@ -26,6 +27,7 @@ class Container:
     lookups: Lookups
     scheduler: WakeUpScheduler
     limits: RateLimits
+    health: HealthService
 
 
 def container(request: Request) -> Container:
