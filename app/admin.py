@@ -22,11 +22,11 @@ from app import repository as repo
 from app import repository_admin as admin_repo
 from app import repository_tokens as tokens_repo
 from app.clock import Clock
+from app.cursors import decode_cursor, encode_cursor
 from app.errors import Conflict, InvalidParam, NotFound
 from app.models import CANCELLED, SCHEDULED, SENT
 from app.replay import log_id
 from app.repository_admin import ADMIN_STATUSES, SENDING, AdminEvent, AdminFilter
-from app.service import decode_cursor, encode_cursor
 
 logger = logging.getLogger(__name__)
 

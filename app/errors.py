@@ -1,5 +1,6 @@
 """Matrix-shaped errors: every error the sidecar answers with is one of these, rendered in
-one place.
+one place (`app.api.errors`). The rules raise `app.domain`'s errors instead, which the API turns
+into these per generation (`app.api.answers`).
 
 MatrixError(status, errcode, message, extra, headers)
  ├── NotFound               404 M_NOT_FOUND

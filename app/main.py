@@ -26,9 +26,11 @@ from app.auth import Authenticator
 from app.clock import Clock, SystemClock
 from app.crypto import TokenCipher
 from app.errors import InvalidParam, MatrixError, Unrecognized
+from app.health import HealthService
 from app.homeserver import Homeserver
 from app.liveness import ReplicaLock
 from app.logs import RequestIdMiddleware
+from app.lookups import Lookups
 from app.ratelimit import RateLimits, TokenBuckets
 from app.replay import Credentials, ReplayEngine, ReplayRunner, SendAction, WakeUp
 from app.scheduler import WakeUpScheduler
@@ -94,8 +96,10 @@ def build_container(
         service=service,
         replay_engine=replay_engine,
         replay=replay,
+        lookups=Lookups(engine, settings, tokens=service, sends=replay),
         scheduler=scheduler,
         limits=_rate_limits(settings, clock),
+        health=HealthService(engine, scheduler, clock, settings),
     )
 
 

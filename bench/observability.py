@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import create_async_engine  # noqa: E402
 from starlette.types import Receive, Scope, Send  # noqa: E402
 
 from app.__main__ import migrate  # noqa: E402
-from app.api.health import _database_figures  # noqa: E402
+from app.health import database_figures  # noqa: E402
 from app.metrics import (  # noqa: E402
     OLDEST_OVERDUE_SECONDS,
     SCHEDULED_NOW,
@@ -80,7 +80,7 @@ async def scrape_figures(url: str, rows: int, repeats: int) -> None:
         return time.perf_counter() - started
 
     async def figures(conn: object) -> None:
-        await _database_figures(conn, NOW, 210_000)  # type: ignore[arg-type]
+        await database_figures(conn, NOW, 210_000)  # type: ignore[arg-type]
 
     async def full_count(conn: object) -> None:
         T = delayed_event.c

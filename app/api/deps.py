@@ -8,7 +8,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
 
 from app.auth import Authenticator
+from app.health import HealthService
 from app.homeserver import Homeserver
+from app.lookups import Lookups
 from app.ratelimit import RateLimits
 from app.replay import ReplayEngine, ReplayRunner
 from app.scheduler import WakeUpScheduler
@@ -25,8 +27,10 @@ class Container:
     service: DelayedEventService
     replay_engine: ReplayEngine
     replay: ReplayRunner
+    lookups: Lookups
     scheduler: WakeUpScheduler
     limits: RateLimits
+    health: HealthService
 
 
 def container(request: Request) -> Container:

@@ -1,7 +1,7 @@
 """The heartbeat's own path. MatrixRTC restarts every participant's delayed leave every few
 seconds, so `POST …/delayed_events/{delay_id}/restart` is answered here, ahead of the framework's
-routing, validation and serialisation, through the very same rules as the routed endpoint
-(`manage._act`). The routed endpoint stays declared for the API description."""
+routing, validation and serialisation, through the very same action as the routed endpoint
+(`app.api.actions`). The routed endpoint stays declared for the API description."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app import metrics
+from app.api import actions
 from app.api.errors import send_error, send_json
-from app.api.manage import split_action
+from app.domain import Action, Generation
 from app.errors import MatrixError
-from app.service import Action
 
 _RESTART = re.compile(
     r"^/_matrix/client/(?:(?P<v1>v1)|unstable/org\.matrix\.msc4140)/delayed_events/"
@@ -22,8 +22,8 @@ _RESTART = re.compile(
 )
 # How request metrics name the heartbeat's route (its own series, apart from the routed actions).
 _TEMPLATES = {
-    True: "/_matrix/client/v1/delayed_events/{delay_id}/restart",
-    False: "/_matrix/client/unstable/org.matrix.msc4140/delayed_events/{delay_id}/restart",
+    Generation.B: "/_matrix/client/v1/delayed_events/{delay_id}/restart",
+    Generation.A: "/_matrix/client/unstable/org.matrix.msc4140/delayed_events/{delay_id}/restart",
 }
 
 
@@ -39,12 +39,11 @@ class HeartbeatMiddleware:
         if match is None:
             await self.app(scope, receive, send)
             return
-        scope[metrics.ROUTE_TEMPLATE] = _TEMPLATES[match["v1"] is not None]
+        generation = Generation.B if match["v1"] is not None else Generation.A
+        scope[metrics.ROUTE_TEMPLATE] = _TEMPLATES[generation]
         request = Request(scope, receive)
         try:
-            await split_action(
-                request, match["delay_id"], Action.RESTART, v1=match["v1"] is not None
-            )
+            await actions.act(request, match["delay_id"], Action.RESTART, generation)
         except MatrixError as exc:
             await send_error(send, exc)
             return

@@ -8,7 +8,6 @@ exclusive, both bounds on the send time whatever `dir` is; a window whose `from_
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,15 +15,15 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app import history
 from app.api import requests as rq
 from app.api.deps import container
+from app.api.render import json_response, pages, render
 from app.auth import Requester
+from app.cursors import PageTokens
 from app.errors import InvalidParam
-from app.history import HistoryQuery
-from app.models import SCHEDULED
+from app.lookups import HistoryQuery
+from app.models import SCHEDULED, DelayedEvent
 from app.repository_history import STATUSES
-from app.service import render
 
 router = APIRouter()
 
@@ -87,22 +86,20 @@ async def _authenticated(request: Request) -> Requester:
 
 async def _page(
     request: Request, requester: Requester, pairs: Pairs
-) -> tuple[HistoryQuery, history.HistoryPage]:
+) -> tuple[HistoryQuery, list[DelayedEvent], str | None]:
+    """The query, a page of its events and the `next_batch` token when more follow."""
     c = container(request)
     query = parse_query(pairs)
     limit = rq.page_limit(pairs)
-    page = await history.lookup(
-        c.service, requester, query, from_token=rq.single(pairs, "from"), limit=limit
-    )
-    return query, page
-
-
-def _answer(lists: dict[str, list[str]], next_batch: str | None) -> Response:
-    """The page as JSON, each item's text (rendered once) spliced in under every list name."""
-    parts = [f"{json.dumps(name)}:[{','.join(items)}]" for name, items in lists.items()]
-    if next_batch is not None:
-        parts.append('"next_batch":' + json.dumps(next_batch))
-    return Response("{" + ",".join(parts) + "}", media_type="application/json")
+    from_token = rq.single(pairs, "from")
+    tokens = PageTokens(c.settings.token_keys[0])
+    user_id = requester.user_id
+    after = tokens.open(from_token, user_id, query) if from_token is not None else None
+    page = await c.lookups.history(requester, query, after=after, limit=limit)
+    if not page.more or not page.events:
+        return query, page.events, None
+    last = page.events[-1]
+    return query, page.events, tokens.make((last.send_ts, last.delay_id), user_id, query)
 
 
 async def list_unstable(request: Request) -> Response:
@@ -110,8 +107,8 @@ async def list_unstable(request: Request) -> Response:
     pairs = rq.query_pairs(request)
     if any(key == "delay_id" for key, _, _ in pairs):
         raise InvalidParam("delay_id is not a filter of this lookup; use /v1/delayed_events")
-    _, page = await _page(request, requester, pairs)
-    return _answer({"delayed_events": [render(e) for e in page.events]}, page.next_batch)
+    _, events, next_batch = await _page(request, requester, pairs)
+    return json_response(pages({"delayed_events": [render(e) for e in events]}, next_batch))
 
 
 async def list_v1(
@@ -132,14 +129,14 @@ async def list_v1(
                 f"{', '.join(mixed)} cannot be combined with status=finalised or delay_id"
             )
         return await legacy(request, requester)
-    query, page = await _page(request, requester, pairs)
-    rendered = [(event.status == SCHEDULED, render(event)) for event in page.events]
+    query, events, next_batch = await _page(request, requester, pairs)
+    rendered = [(event.status == SCHEDULED, render(event)) for event in events]
     lists = {"delayed_events": [text for _, text in rendered]}
     if query.status in (None, SCHEDULED):
         lists["scheduled"] = [text for scheduled, text in rendered if scheduled]
     if query.status != SCHEDULED:
         lists["finalised"] = [text for scheduled, text in rendered if not scheduled]
-    return _answer(lists, page.next_batch)
+    return json_response(pages(lists, next_batch))
 
 
 def _query_doc(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:

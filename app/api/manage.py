@@ -9,66 +9,20 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app.api import history, openapi
+from app.api import actions, history, openapi, render
 from app.api import requests as rq
+from app.api.answers import answering
 from app.api.deps import container
 from app.auth import Requester
-from app.delay_ids import Kind
-from app.errors import InvalidParam, MissingParam, MissingToken, Unrecognized
-from app.service import Action, RenderedJSON, Status
+from app.cursors import as_position, decode_cursor
+from app.domain import Action, Generation, Status
+from app.errors import InvalidParam, Unrecognized
+from app.lookups import ListQuery
 
 router = APIRouter()
 
 UNSTABLE = "/_matrix/client/unstable/org.matrix.msc4140"
 V1 = "/_matrix/client/v1"
-
-
-async def _requester(request: Request, delay_id: str, *, v1: bool) -> Requester | None:
-    """The caller of an action, if a token came; rate limited per user, else per delay_id (an
-    id the sidecar cannot have issued takes no bucket: the service refuses it at no cost)."""
-    c = container(request)
-    requester = await c.auth.optional(request)
-    if requester is None and v1:
-        raise MissingToken("Missing access token")
-    if requester is not None:
-        c.limits.manage(requester.user_id, delay_id)
-        return requester
-    kind = c.service.delay_ids.kind(delay_id)
-    if kind is not Kind.FORGED:
-        c.limits.manage(None, delay_id, untagged=kind is Kind.UNTAGGED)
-    return None
-
-
-async def split_action(
-    request: Request, delay_id: str, action: Action, *, v1: bool
-) -> dict[str, Any]:
-    """send, cancel or restart by the split path (`delay_id` still percent-encoded)."""
-    delay_id = rq.path_segment(delay_id, "delay id")
-    requester = await _requester(request, delay_id, v1=v1)
-    c = container(request)
-    await rq.read_body(request, c.settings.max_body_bytes)  # {} or empty; contents unused
-    await c.service.manage(requester, delay_id, action, v1=v1)
-    return {}
-
-
-async def _act_from_body(request: Request, delay_id: str, *, v1: bool) -> dict[str, Any]:
-    delay_id = rq.path_segment(delay_id, "delay id")
-    requester = await _requester(request, delay_id, v1=v1)
-    c = container(request)
-    body = rq.parse_json_object(await rq.read_body(request, c.settings.max_body_bytes))
-    if "action" not in body:
-        raise MissingParam("'action' is missing")
-    try:
-        action = Action(body["action"])
-    except (ValueError, TypeError):
-        raise InvalidParam("'action' must be one of send, cancel, restart") from None
-    await c.service.manage(requester, delay_id, action, v1=v1)
-    return {}
-
-
-def _json(rendered: RenderedJSON) -> Response:
-    """A document the service rendered, sent as it is (no second pass over large contents)."""
-    return Response(rendered.text, media_type="application/json")
 
 
 async def _list(request: Request, requester: Requester | None = None) -> Response:
@@ -86,43 +40,53 @@ async def _list(request: Request, requester: Requester | None = None) -> Respons
     delay_ids = [value for key, value, _ in pairs if key == "delay_id"]
     if len(delay_ids) > rq.MAX_PAGE:
         raise InvalidParam(f"At most {rq.MAX_PAGE} delay_id values")
-    page = await c.service.list(
-        requester,
-        status=status,
+    from_token = rq.single(pairs, "from")
+    limit = rq.page_limit(pairs)
+    cursor = decode_cursor(from_token) if from_token else {}
+    query = ListQuery(
         delay_ids=delay_ids,
-        from_token=rq.single(pairs, "from"),
-        limit=rq.page_limit(pairs),
+        limit=limit,
+        scheduled=status in (None, Status.SCHEDULED) and cursor.get("s") != "done",
+        finalised=status in (None, Status.FINALISED) and cursor.get("f") != "done",
+        scheduled_after=as_position(cursor.get("s")),
+        finalised_after=as_position(cursor.get("f")),
     )
-    return _json(page)
+    lists = await c.lookups.lists(requester, query)
+    return render.json_response(render.msc4140_lists(lists, status, cursor))
 
 
-async def _get(request: Request, delay_id: str) -> Response:
+async def _get(request: Request, delay_id: str, generation: Generation) -> Response:
     c = container(request)
     requester = await c.auth.required(request)
     c.limits.manage(requester.user_id, "")
-    return _json(await c.service.get(requester, rq.path_segment(delay_id, "delay id")))
+    delay_id = rq.path_segment(delay_id, "delay id")
+    with answering(generation):
+        event = await c.lookups.get(requester, delay_id)
+    return render.json_response(render.render(event))
 
 
-def _add_routes(prefix: str, v1: bool) -> None:
-    tag = "v1" if v1 else "unstable"
+def _add_routes(prefix: str, generation: Generation) -> None:
+    tag = "v1" if generation is Generation.B else "unstable"
 
     async def act(request: Request, delay_id: str, action: str) -> dict[str, Any]:
         try:
             parsed = Action(action)
         except ValueError:
             raise Unrecognized("Unrecognized request") from None
-        return await split_action(request, delay_id, parsed, v1=v1)
+        await actions.act(request, delay_id, parsed, generation)
+        return {}
 
     async def act_from_body(request: Request, delay_id: str) -> dict[str, Any]:
-        return await _act_from_body(request, delay_id, v1=v1)
+        await actions.act_from_body(request, delay_id, generation)
+        return {}
 
     async def list_events(request: Request) -> Response:
-        if v1:
+        if generation is Generation.B:
             return await history.list_v1(request, legacy=_list)
         return await _list(request)
 
     async def get_event(request: Request, delay_id: str) -> Response:
-        return await _get(request, delay_id)
+        return await _get(request, delay_id, generation)
 
     base = prefix + "/delayed_events"
     router.add_api_route(
@@ -147,7 +111,7 @@ def _add_routes(prefix: str, v1: bool) -> None:
         methods=["GET"],
         summary="List delayed events",
         operation_id=f"list_{tag}",
-        openapi_extra=history.V1_OPENAPI if v1 else openapi.LIST,
+        openapi_extra=history.V1_OPENAPI if generation is Generation.B else openapi.LIST,
     )
     router.add_api_route(
         base + "/{delay_id}",
@@ -158,5 +122,5 @@ def _add_routes(prefix: str, v1: bool) -> None:
     )
 
 
-_add_routes(UNSTABLE, v1=False)
-_add_routes(V1, v1=True)
+_add_routes(UNSTABLE, Generation.A)
+_add_routes(V1, Generation.B)

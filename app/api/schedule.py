@@ -13,9 +13,11 @@ from starlette.responses import Response
 
 from app.api import openapi
 from app.api import requests as rq
-from app.api.deps import container
+from app.api.answers import answering
+from app.api.deps import Container, container
 from app.api.proxy import pass_through
-from app.auth import access_token
+from app.auth import Requester, access_token
+from app.domain import Generation
 from app.errors import InvalidParam, MissingParam
 from app.models import storable_text
 from app.service import ScheduleRequest
@@ -61,19 +63,29 @@ async def _schedule_a(
     query = rq.replayed_query(pairs)
     requester = await c.auth.required(request)
     c.limits.schedule(requester.user_id)
-    c.service.check_delay(delay_ms, "A")
+    # Over the maximum is the first thing wrong with a request that gets this far, whatever its
+    # body.
+    with answering(Generation.A):
+        allowed = c.service.check_delay(delay_ms)
     content = rq.parse_json_object(await rq.read_body(request, c.settings.max_body_bytes))
     schedule = ScheduleRequest(
-        generation="A",
+        generation=Generation.A,
         room_id=rq.room_id(room),
         event_type=rq.event_type(kind),
         state_key=rq.path_segment(state_key, "state key") if state_key is not None else None,
         content=rq.compact_json(content),
-        delay_ms=delay_ms,
+        delay=allowed,
         query=query,
         txn_key=rq.txn_key("send", room, kind, txn) if txn is not None else None,
     )
-    return {"delay_id": await c.service.schedule(requester, schedule)}
+    return await _scheduled(c, requester, schedule)
+
+
+async def _scheduled(
+    c: Container, requester: Requester, schedule: ScheduleRequest
+) -> dict[str, Any]:
+    with answering(schedule.generation):
+        return {"delay_id": await c.service.schedule(requester, schedule)}
 
 
 @router.put(
@@ -155,17 +167,23 @@ async def _schedule_b(request: Request, room: str, kind: str, txn: str) -> dict[
         raise InvalidParam("Invalid character in state_key")
     if state_key is not None and len(state_key.encode()) > 255:
         raise InvalidParam("state key is too long")
+    room_id, event_type = rq.room_id(room), rq.event_type(kind)
+    compact = rq.compact_json(content)
+    txn_key = rq.txn_key("delayed_event", room, kind, txn)
+    # Over the maximum is answered only for an otherwise valid request.
+    with answering(Generation.B):
+        allowed = c.service.check_delay(delay)
     schedule = ScheduleRequest(
-        generation="B",
-        room_id=rq.room_id(room),
-        event_type=rq.event_type(kind),
+        generation=Generation.B,
+        room_id=room_id,
+        event_type=event_type,
         state_key=state_key,
-        content=rq.compact_json(content),
-        delay_ms=delay,
+        content=compact,
+        delay=allowed,
         query="",
-        txn_key=rq.txn_key("delayed_event", room, kind, txn),
+        txn_key=txn_key,
     )
-    return {"delay_id": await c.service.schedule(requester, schedule)}
+    return await _scheduled(c, requester, schedule)
 
 
 def _add_b_routes() -> None:

@@ -11,8 +11,8 @@ import pytest
 from fastapi import FastAPI
 
 from app import repository_lookup as lookup_repo
+from app.lookups import PAGE_BYTES
 from app.models import delayed_event
-from app.service import PAGE_BYTES
 from tests.integration.common import ALICE, UNSTABLE, V1, act, schedule_message
 from tests.support.fakes import FakeClock
 

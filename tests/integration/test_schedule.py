@@ -460,6 +460,25 @@ async def test_gen_a_max_delay_setting(client: httpx.AsyncClient) -> None:
     assert body["max_delay"] == 5000
 
 
+async def test_the_delay_is_checked_once_a_request(
+    client: httpx.AsyncClient, app: FastAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = app.state.container.service
+    checked: list[Any] = []
+    check = service.check_delay
+
+    def counted(*args: Any) -> Any:
+        checked.append(args)
+        return check(*args)
+
+    monkeypatch.setattr(service, "check_delay", counted)
+    await schedule_message(client, 1000)
+    assert len(checked) == 1
+    r = await schedule_b(client, {"delay_ms": 1000, "content": {}})
+    assert r.status_code == 200
+    assert len(checked) == 2
+
+
 @pytest.mark.parametrize("delay", [86_400_001, 10**30])
 async def test_gen_b_delay_over_max(client: httpx.AsyncClient, app: FastAPI, delay: int) -> None:
     r = await schedule_b(client, {"delay_ms": delay, "content": {}})

@@ -1,0 +1,84 @@
+"""How the rules' refusals (`app.domain`) look on the wire, per generation: the one place that
+turns a domain error into a Matrix error. `app.api.errors` renders the result."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from app.domain import (
+    AlreadyFinalised,
+    CredentialFailed,
+    DomainError,
+    EventNotFound,
+    Generation,
+    MaxDelayExceeded,
+    SendFailed,
+    TooMany,
+)
+from app.errors import Conflict, Forbidden, HomeserverError, LimitExceeded, MatrixError, NotFound
+
+NOT_FOUND = "Delayed event not found"
+
+
+def matrix_error(exc: DomainError, generation: Generation) -> MatrixError:
+    """The Matrix error answering `exc` to a request of `generation`."""
+    match exc:
+        case MaxDelayExceeded():
+            return _max_delay(exc, generation)
+        case TooMany():
+            return _too_many(exc)
+        case EventNotFound():
+            return NotFound(NOT_FOUND)
+        case AlreadyFinalised():
+            # The unstable paths do not find a finalised event, as MatrixRTC expects.
+            if generation is Generation.A:
+                return NotFound(NOT_FOUND)
+            return Conflict(f"The delayed event was already {exc.outcome}")
+        case CredentialFailed():
+            # Answered as a repeat of the action would be now that the event is finalised.
+            if generation is Generation.A:
+                return NotFound(exc.message)
+            return Conflict(exc.message)
+        case SendFailed():
+            return HomeserverError(exc.status, exc.body, exc.headers)
+    raise TypeError(f"no answer for {type(exc).__name__}")  # pragma: no cover
+
+
+@contextmanager
+def answering(generation: Generation) -> Iterator[None]:
+    """Within it, a domain error is raised again as the Matrix error answering it."""
+    try:
+        yield
+    except DomainError as exc:
+        raise matrix_error(exc, generation) from None
+
+
+def _max_delay(exc: MaxDelayExceeded, generation: Generation) -> MatrixError:
+    """Each generation's clients act on their own shape: js-sdk reads Gen A's msc4140 fields."""
+    requested = "" if exc.requested is None else f" ({exc.requested}ms)"
+    message = f"The requested delay{requested} exceeds the allowed maximum ({exc.limit}ms)"
+    if generation is Generation.B:
+        return Forbidden(message)
+    return MatrixError(
+        message,
+        status=400,
+        errcode="M_UNKNOWN",
+        extra={
+            "org.matrix.msc4140.errcode": "M_MAX_DELAY_EXCEEDED",
+            "org.matrix.msc4140.max_delay": exc.limit,
+            "max_delay": exc.limit,
+        },
+    )
+
+
+def _too_many(exc: TooMany) -> LimitExceeded:
+    message = "The maximum number of delayed events has been reached."
+    if exc.retry_after_ms is None:
+        return LimitExceeded(message)
+    return LimitExceeded(
+        message,
+        extra={"retry_after_ms": exc.retry_after_ms},
+        headers={"Retry-After": str(math.ceil(exc.retry_after_ms / 1000))},
+    )
