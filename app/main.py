@@ -18,6 +18,7 @@ from starlette.responses import Response
 
 from app import metrics
 from app.api import admin, health, history, manage, proxy, schedule
+from app.api.answers import unanswered
 from app.api.deps import Container
 from app.api.errors import error_response
 from app.api.heartbeat import HeartbeatMiddleware
@@ -25,6 +26,7 @@ from app.api.middleware import MatrixEdgeMiddleware, RawPathMiddleware
 from app.auth import Authenticator
 from app.clock import Clock, SystemClock
 from app.crypto import TokenCipher
+from app.domain import DomainError
 from app.errors import InvalidParam, MatrixError, Unrecognized
 from app.health import HealthService
 from app.homeserver import Homeserver
@@ -214,6 +216,7 @@ def create_app(
     for module in (manage, schedule, history, proxy, health, admin):
         app.include_router(module.router)
     app.add_exception_handler(MatrixError, _matrix_error)  # type: ignore[arg-type]
+    app.add_exception_handler(DomainError, unanswered)
     app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_middleware(HeartbeatMiddleware)

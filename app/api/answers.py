@@ -7,6 +7,10 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from starlette.requests import Request
+from starlette.responses import Response
+
+from app.api.errors import error_response
 from app.domain import (
     AlreadyFinalised,
     CredentialFailed,
@@ -44,6 +48,18 @@ def matrix_error(exc: DomainError, generation: Generation) -> MatrixError:
         case SendFailed():
             return HomeserverError(exc.status, exc.body, exc.headers)
     raise TypeError(f"no answer for {type(exc).__name__}")  # pragma: no cover
+
+
+def generation_of(path: str) -> Generation:
+    """The generation a path speaks: the merged MSC's management is on v1, all else is Gen A."""
+    return Generation.B if "/_matrix/client/v1/" in path else Generation.A
+
+
+async def unanswered(request: Request, exc: Exception) -> Response:
+    """The exception handler behind `answering`: a refusal that reached the framework without
+    one is still a Matrix error, shaped for the generation of its path, never a 500."""
+    assert isinstance(exc, DomainError)
+    return error_response(matrix_error(exc, generation_of(request.url.path)))
 
 
 @contextmanager

@@ -83,3 +83,34 @@ def test_answering_raises_the_matrix_error() -> None:
     with pytest.raises(MatrixError) as raised, answering(Generation.A):
         raise EventNotFound()
     assert raised.value.status == 404
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "errcode"),
+    [
+        ("/_matrix/client/v1/delayed_events/x/cancel", 409, "M_UNKNOWN"),
+        ("/_matrix/client/unstable/org.matrix.msc4140/delayed_events/x", 404, "M_NOT_FOUND"),
+    ],
+)
+async def test_a_refusal_that_escapes_its_route_is_still_a_matrix_error(
+    path: str, status: int, errcode: str
+) -> None:
+    """A route that forgets `answering` still answers with the path's generation, not a 500."""
+    import httpx
+    from fastapi import FastAPI
+
+    from app.api.answers import unanswered
+    from app.domain import DomainError
+
+    app = FastAPI()
+    app.add_exception_handler(DomainError, unanswered)
+
+    @app.api_route("/{rest:path}", methods=["GET", "POST"])
+    async def refuse(rest: str) -> None:
+        raise AlreadyFinalised("cancelled")
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://sidecar") as client:
+        response = await client.post(path)
+    assert response.status_code == status
+    assert response.json()["errcode"] == errcode
