@@ -26,7 +26,8 @@ from app.cursors import decode_cursor, encode_cursor
 from app.errors import Conflict, InvalidParam, NotFound
 from app.models import CANCELLED, SCHEDULED, SENT
 from app.replay import log_id
-from app.repository_admin import ADMIN_STATUSES, SENDING, AdminEvent, AdminFilter
+from app.repository_admin import ADMIN_STATUSES, SENDING, AdminEvent
+from app.repository_admin import AdminFilter as AdminFilter  # re-exported for the API
 
 logger = logging.getLogger(__name__)
 

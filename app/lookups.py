@@ -17,8 +17,11 @@ from app import repository_lookup as lookup_repo
 from app.auth import Requester
 from app.domain import EventNotFound
 from app.models import SCHEDULED, DelayedEvent
+
+# Re-exported: the API names these without reaching into the repository.
+from app.repository_history import STATUSES as STATUSES
 from app.repository_history import HistoryFilter
-from app.repository_lookup import Page
+from app.repository_lookup import Page as Page
 from app.settings import Settings
 
 # A page of a lookup stops once its items pass this size: a page of 1,000 events of 64 KiB

@@ -26,6 +26,7 @@ from starlette.requests import Request
 
 from app.admin import (
     DEFAULT_OVERDUE_MS,
+    AdminFilter,
     AdminService,
     check_room_id,
     check_status,
@@ -34,7 +35,6 @@ from app.admin import (
 from app.api import requests as rq
 from app.api.deps import container
 from app.errors import Forbidden, InvalidParam, MissingToken, Unrecognized
-from app.repository_admin import AdminFilter
 
 logger = logging.getLogger(__name__)
 

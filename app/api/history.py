@@ -21,9 +21,8 @@ from app.api.render import json_response, pages, render
 from app.auth import Requester
 from app.cursors import PageTokens
 from app.errors import InvalidParam
-from app.lookups import HistoryQuery
+from app.lookups import STATUSES, HistoryQuery
 from app.models import SCHEDULED, DelayedEvent
-from app.repository_history import STATUSES
 
 router = APIRouter()
 

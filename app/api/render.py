@@ -12,9 +12,8 @@ from starlette.responses import Response
 
 from app.cursors import encode_cursor
 from app.domain import Status
-from app.lookups import PAGE_BYTES, Lists
+from app.lookups import PAGE_BYTES, Lists, Page
 from app.models import SCHEDULED, SENT, DelayedEvent
-from app.repository_lookup import Page
 
 
 def json_response(text: str) -> Response:
