@@ -266,7 +266,7 @@ class Usage:
 
 # Marks the benchmark's own statements on the benchmark's database, which are not counted.
 BENCH_MARK = "/* capacity bench */"
-PHASES = ("restart", "restart_max", "schedule", "replay")
+PHASES = ("restart", "restart_tokenless", "restart_max", "schedule", "replay")
 METRICS = ("sidecar_cpu_s", "postgres_cpu_s", "wal_bytes", "statements", "write_xacts")
 
 
@@ -506,7 +506,33 @@ class Capacity:
             lines = await bounded(16, jobs)
         path = self.root / "restart.tsv"
         path.write_text("".join(lines))
+        # The SFU's restarts: the same events by delay_id alone, without a token.
+        (self.root / "restart-tokenless.tsv").write_text(
+            "".join(line.split("\t")[0] + "\t\n" for line in lines)
+        )
         return path
+
+    async def table_sizes(self) -> dict[str, Any]:
+        """Rows and bytes (heap, indexes and TOAST) of each table as the run left them, and again
+        after VACUUM FULL (without the dead row versions the restarts leave behind)."""
+        counts = await self.bench_conn.fetch(
+            f"{BENCH_MARK} SELECT status, count(*) AS n FROM delayed_event GROUP BY 1"
+        )
+        tokens = await self.bench_conn.fetchval(f"{BENCH_MARK} SELECT count(*) FROM device_token")
+        sizes: dict[str, Any] = {
+            "delayed_event_rows": {row["status"]: int(row["n"]) for row in counts},
+            "device_token_rows": int(tokens),
+        }
+        query = (
+            f"{BENCH_MARK} SELECT pg_total_relation_size('delayed_event') AS events,"
+            " pg_total_relation_size('device_token') AS tokens,"
+            " pg_indexes_size('delayed_event') AS event_indexes"
+        )
+        sizes["as_run"] = dict(await self.bench_conn.fetchrow(query))
+        await self.bench_conn.execute("VACUUM FULL delayed_event")
+        await self.bench_conn.execute("VACUUM FULL device_token")
+        sizes["compacted"] = dict(await self.bench_conn.fetchrow(query))
+        return sizes
 
     def schedule_targets(self, count: int) -> Path:
         """`count` distinct call-member leaves (a new device each), as state PUTs with a delay."""
@@ -696,10 +722,12 @@ def median(values: Iterable[float]) -> float:
 async def measure(plan: Plan, root: Path, out: Path) -> dict[str, Any]:
     c = Capacity(plan, root, out)
     runs: dict[str, list[dict[str, Any]]] = {}
+    sizes: dict[str, Any] = {}
     try:
         await c.start()
         log(f"seeding {plan.users} heartbeat leaves")
         restart_targets = await c.seed_heartbeat()
+        tokenless = restart_targets.with_name("restart-tokenless.tsv")
         for rep in range(plan.reps):
             for replicas in rotated([1, 2], rep):
                 await c.set_replicas(replicas)
@@ -714,6 +742,13 @@ async def measure(plan: Plan, root: Path, out: Path) -> dict[str, Any]:
                 log(f"{tag}: restarts at {plan.restart_rate:g}/s")
                 load, used = await c.restarts(restart_targets, plan.restart_rate)
                 run["restart"] = {
+                    "load": _trim(load),
+                    "used": used,
+                    "per_op": per_op(used, idle_rate, load["ok"]),
+                }
+                log(f"{tag}: tokenless restarts at {plan.restart_rate:g}/s")
+                load, used = await c.restarts(tokenless, plan.restart_rate)
+                run["restart_tokenless"] = {
                     "load": _trim(load),
                     "used": used,
                     "per_op": per_op(used, idle_rate, load["ok"]),
@@ -747,9 +782,13 @@ async def measure(plan: Plan, root: Path, out: Path) -> dict[str, Any]:
                     " missing"
                 )
                 runs.setdefault(str(replicas), []).append(run)
+        try:
+            sizes = await c.table_sizes()
+        except Exception as exc:  # the figures above stand without it
+            sizes = {"error": repr(exc)}
     finally:
         await c.stop()
-    return {"plan": asdict(plan), "runs": runs, "summary": summarise(runs)}
+    return {"plan": asdict(plan), "runs": runs, "summary": summarise(runs), "sizes": sizes}
 
 
 def _trim(load: dict[str, Any]) -> dict[str, Any]:
@@ -762,7 +801,7 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for replicas, results in runs.items():
         row: dict[str, Any] = {"repeats": len(results)}
-        for op in ("restart", "restart_max", "schedule", "replay"):
+        for op in PHASES:
             row[op] = {
                 key: median(r[op]["per_op"][key] for r in results)
                 for key in results[0][op]["per_op"]
@@ -771,7 +810,9 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         row["restart_rate_max"] = median(r["restart_max"]["load"]["rate"] for r in results)
         row["restart_p99_ms"] = median(r["restart"]["load"]["latency_ms"]["99"] for r in results)
         row["restart_errors"] = sum(
-            r[op]["load"]["errors"] for r in results for op in ("restart", "restart_max")
+            r[op]["load"]["errors"]
+            for r in results
+            for op in ("restart", "restart_tokenless", "restart_max")
         )
         row["schedule_errors"] = sum(r["schedule"]["load"]["errors"] for r in results)
         row["replay_rate"] = median(r["replay"]["result"]["rate"] for r in results)
@@ -792,10 +833,12 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             for r in results
         )
         row["commands"] = {
-            op: results[0][op]["load"]["command"] for op in ("restart", "restart_max", "schedule")
+            op: results[0][op]["load"]["command"]
+            for op in ("restart", "restart_tokenless", "restart_max", "schedule")
         }
         row["queries"] = {
-            op: results[0][op]["used"]["queries"] for op in ("restart", "schedule", "replay")
+            op: results[0][op]["used"]["queries"]
+            for op in ("restart", "restart_tokenless", "schedule", "replay")
         }
         summary[replicas] = row
     if "1" in runs and "2" in runs:

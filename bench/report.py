@@ -242,6 +242,7 @@ def capacity_tables(capacity: dict[str, Any]) -> str:
     ]
     ops = (
         ("restart", f"restart at {plan['restart_rate']:g}/s"),
+        ("restart_tokenless", f"restart without a token (the SFU's) at {plan['restart_rate']:g}/s"),
         ("restart_max", "restart, closed loop (64 connections)"),
         ("schedule", f"schedule (call-member leave) at {plan['schedule_rate']:g}/s"),
         ("replay", f"replayed message ({plan['messages']} due at once, {plan['rooms']} rooms)"),
@@ -261,8 +262,8 @@ def capacity_tables(capacity: dict[str, Any]) -> str:
         "| replicas | restarts/s closed loop | restart p99 ms at the steady rate | "
         "replay events/s | out-of-order arrivals per repeat | rooms out of order | "
         "duplicated | missing | scheduled late | idle CPU (sidecar / PostgreSQL, % of a core) | "
-        "connections held, peak | busy connections, peak (restart / closed loop / schedule / "
-        "replay) |",
+        "connections held, peak | busy connections, peak (restart / tokenless / closed loop / "
+        "schedule / replay) |",
         "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for replicas in ("1", "2"):
@@ -290,6 +291,14 @@ def capacity_tables(capacity: dict[str, Any]) -> str:
     lines += ["", "Commands (one replica; two replicas: `--port` twice):", ""]
     for op, command in one["commands"].items():
         lines.append(f"- {op}: `{command}`")
+    sizes = capacity.get("sizes")
+    if sizes and "error" not in sizes:
+        lines += [
+            "",
+            f"Tables at the end: delayed_event rows {sizes['delayed_event_rows']}, device_token "
+            f"rows {sizes['device_token_rows']}; bytes (heap + indexes + TOAST) as run "
+            f"{sizes['as_run']}, after VACUUM FULL {sizes['compacted']}.",
+        ]
     lines += ["", "Statements per phase (one replica, first repeat, calls):", ""]
     for op, queries in one["queries"].items():
         lines.append(f"- {op}: " + "; ".join(f"`{q}` {n}" for q, n in queries.items()))
