@@ -7,7 +7,9 @@ the generator down (the "coordinated omission" that closed-loop tools suffer fro
 the same way). Closed loop (`--rate 0`): each connection sends its next request as soon as the
 answer to the previous one arrives; this is how the generator's own ceiling is measured.
 
-Targets come from a file of lines `PATH<TAB>TOKEN` (TOKEN may be empty); they are used in turn.
+Targets come from a file of lines `PATH<TAB>TOKEN` (TOKEN may be empty); they are used in turn,
+each sent as `--method` (POST unless told) with the body `{}`. With `--port` given more than once,
+the connections are opened to the ports in turn (one generator in front of several replicas).
 The answer is one JSON object on stdout: counts, status codes, latency percentiles in
 milliseconds, the achieved rate, the generator's own CPU time and how late its own event loop
 woke up (a stall on the generator's side shows there). `--dump FILE` also writes every answer's
@@ -42,11 +44,13 @@ def percentile(sorted_values: list[float], p: float) -> float:
     return sorted_values[rank - 1]
 
 
-def build_requests(host: str, port: int, targets: list[tuple[str, str]]) -> list[bytes]:
+def build_requests(
+    host: str, port: int, targets: list[tuple[str, str]], method: str = "POST"
+) -> list[bytes]:
     built = []
     for path, token in targets:
         head = [
-            f"POST {path} HTTP/1.1",
+            f"{method} {path} HTTP/1.1",
             f"Host: {host}:{port}",
             "Content-Type: application/json",
             "Content-Length: 2",
@@ -137,8 +141,9 @@ class Generator:
         return request
 
     async def connect(self) -> Connection:
+        port = self.args.port[self.opened % len(self.args.port)]
         _, protocol = await self.loop.create_connection(
-            lambda: Connection(self), self.args.host, self.args.port
+            lambda: Connection(self), self.args.host, port
         )
         await protocol.connected
         self.connections.append(protocol)
@@ -295,9 +300,12 @@ def load_targets(path: Path) -> list[tuple[str, str]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument(
+        "--port", type=int, action="append", required=True, help="repeat: connections in turn"
+    )
     parser.add_argument("--targets", type=Path, required=True)
     parser.add_argument("--rate", type=float, default=0.0, help="requests/s; 0 = closed loop")
+    parser.add_argument("--method", default="POST", choices=["POST", "PUT"])
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--timeout", type=float, default=15.0, help="drain time after the end")
@@ -311,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:
         pass
-    requests = build_requests(args.host, args.port, load_targets(args.targets))
+    requests = build_requests(args.host, args.port[0], load_targets(args.targets), args.method)
 
     async def go() -> dict[str, Any]:
         return await Generator(args, requests).run()

@@ -29,6 +29,8 @@ def tables(results: dict[str, Any]) -> str:
         lines += _bursts(results["bursts"], results["replay_concurrency"])
     if "scale" in results:
         lines += _scale(results["scale"])
+    if "capacity" in results:
+        lines += capacity_tables(results["capacity"]).splitlines()
     return "\n".join(lines) + "\n"
 
 
@@ -221,3 +223,83 @@ def plot(results: dict[str, Any], where: Path) -> None:
         fig.tight_layout()
         fig.savefig(where / "burst-lateness.png", dpi=110)
         plt.close(fig)
+
+
+def capacity_tables(capacity: dict[str, Any]) -> str:
+    """The capacity section alone (bench/capacity.py prints it too)."""
+    summary, plan = capacity["summary"], capacity["plan"]
+    lines = [
+        "### Capacity: cost per operation, one replica and two on one database",
+        "",
+        f"Medians of {plan['reps']} repeat(s), one and two replicas interleaved; each counter's "
+        "growth per operation less the same replicas' idle background over as long. Statements "
+        "= pg_stat_statements calls (BEGIN/COMMIT included; the pool's pre-ping, an empty query, "
+        "is not listed); write transactions = transaction ids assigned.",
+        "",
+        "| operation | replicas | sidecar CPU µs | PostgreSQL CPU µs | statements | "
+        "write transactions | WAL bytes |",
+        "|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    ops = (
+        ("restart", f"restart at {plan['restart_rate']:g}/s"),
+        ("restart_tokenless", f"restart without a token (the SFU's) at {plan['restart_rate']:g}/s"),
+        ("restart_max", "restart, closed loop (64 connections)"),
+        ("schedule", f"schedule (call-member leave) at {plan['schedule_rate']:g}/s"),
+        ("replay", f"replayed message ({plan['messages']} due at once, {plan['rooms']} rooms)"),
+    )
+    for key, label in ops:
+        for replicas in ("1", "2"):
+            if replicas not in summary:
+                continue
+            row = summary[replicas][key]
+            lines.append(
+                f"| {label} | {replicas} | {_f(row['sidecar_us'], 0)} | "
+                f"{_f(row['postgres_us'], 0)} | {_f(row['statements'], 2)} | "
+                f"{_f(row['write_xacts'], 2)} | {_f(row['wal_bytes'], 0)} |"
+            )
+    lines += [
+        "",
+        "| replicas | restarts/s closed loop | restart p99 ms at the steady rate | "
+        "replay events/s | out-of-order arrivals per repeat | rooms out of order | "
+        "duplicated | missing | scheduled late | idle CPU (sidecar / PostgreSQL, % of a core) | "
+        "connections held, peak | busy connections, peak (restart / tokenless / closed loop / "
+        "schedule / replay) |",
+        "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for replicas in ("1", "2"):
+        if replicas not in summary:
+            continue
+        row = summary[replicas]
+        idle = row["idle_per_s"]
+        lines.append(
+            f"| {replicas} | {_f(row['restart_rate_max'], 0)} | {_f(row['restart_p99_ms'], 2)} | "
+            f"{_f(row['replay_rate'], 0)} | {', '.join(map(str, row['out_of_order']))} | "
+            f"{', '.join(map(str, row['rooms_out_of_order']))} of {plan['rooms']} | "
+            f"{row['duplicates']} | {row['missing']} | {row['scheduled_late']} | "
+            f"{_f(idle['sidecar_cpu_s'] * 100, 1)} / {_f(idle['postgres_cpu_s'] * 100, 1)} | "
+            f"{row['peak_connections']} | "
+            f"{' / '.join(str(n) for n in row['peak_active'].values())} |"
+        )
+    if "two_over_one" in summary:
+        ratio = summary["two_over_one"]
+        lines += [
+            "",
+            f"Two replicas over one (median of per-repeat ratios): restarts "
+            f"{ratio['restart_rate_max']:.2f}×, replay {ratio['replay_rate']:.2f}×.",
+        ]
+    one = summary.get("1") or summary.get("2")
+    lines += ["", "Commands (one replica; two replicas: `--port` twice):", ""]
+    for op, command in one["commands"].items():
+        lines.append(f"- {op}: `{command}`")
+    sizes = capacity.get("sizes")
+    if sizes and "error" not in sizes:
+        lines += [
+            "",
+            f"Tables at the end: delayed_event rows {sizes['delayed_event_rows']}, device_token "
+            f"rows {sizes['device_token_rows']}; bytes (heap + indexes + TOAST) as run "
+            f"{sizes['as_run']}, after VACUUM FULL {sizes['compacted']}.",
+        ]
+    lines += ["", "Statements per phase (one replica, first repeat, calls):", ""]
+    for op, queries in one["queries"].items():
+        lines.append(f"- {op}: " + "; ".join(f"`{q}` {n}" for q, n in queries.items()))
+    return "\n".join(lines) + "\n"

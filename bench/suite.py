@@ -1,4 +1,5 @@
-"""Every benchmark against the local stack, in one run: heartbeat, bursts, scale. `bench/run`
+"""Every benchmark against the local stack, in one run: heartbeat, bursts, scale, and the capacity
+model's per-operation costs (bench/capacity.py, on servers of its own). `bench/run`
 starts this after installing what it needs; see docs/benchmarks.md for what each figure means.
 
 Each figure is the median of repeats interleaved across targets (A, B, C, A, B, C, …), so that
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import capacity
 from bursts import REPLAY_CONCURRENCY, Bursts, Case
 from heartbeat import Target, prepare, run_loadgen, run_wrk
 from scale import Scale
@@ -265,16 +268,18 @@ def machine() -> dict[str, Any]:
             model = line.split(":", 1)[1].strip()
             break
     mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
-    synapse = subprocess.run(
-        [
-            str(REPO / ".venv-synapse" / "bin" / "python"),
-            "-c",
-            "import synapse; print(synapse.__version__)",
-        ],
-        capture_output=True,
-        text=True,
-        cwd="/",  # Synapse adds the git state of its working folder to its version
-    ).stdout.strip()
+    synapse = "not installed"
+    if (REPO / ".venv-synapse").exists():  # the capacity section alone runs without it
+        synapse = subprocess.run(
+            [
+                str(REPO / ".venv-synapse" / "bin" / "python"),
+                "-c",
+                "import synapse; print(synapse.__version__)",
+            ],
+            capture_output=True,
+            text=True,
+            cwd="/",  # Synapse adds the git state of its working folder to its version
+        ).stdout.strip()
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
     ).stdout.strip()
@@ -295,7 +300,10 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="one short repeat of each, a smoke run"
     )
     parser.add_argument(
-        "--only", choices=["heartbeat", "bursts", "scale"], action="append", help="run only these"
+        "--only",
+        choices=["heartbeat", "bursts", "scale", "capacity"],
+        action="append",
+        help="run only these",
     )
     parser.add_argument(
         "--baseline",
@@ -308,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     baseline = resolve_baseline(args.baseline)
-    sections = args.only or ["heartbeat", "bursts", "scale"]
+    sections = args.only or ["heartbeat", "bursts", "scale", "capacity"]
+    # The capacity section starts servers of its own, after the stack is down.
+    on_stack = [s for s in sections if s != "capacity"]
     out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     plots = (args.plots or (out if args.quick else REPO / "docs" / "benchmarks")).resolve()
@@ -317,8 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     results["replay_concurrency"] = REPLAY_CONCURRENCY
     results["baseline"] = baseline
     failed = []
-    with running(out) as services:
-        for section in sections:
+    with running(out) if on_stack else contextlib.nullcontext() as services:
+        for section in on_stack:
             try:
                 if section == "heartbeat":
                     runs = heartbeat(services, plan, baseline)
@@ -331,13 +341,20 @@ def main(argv: list[str] | None = None) -> int:
                 # The other sections still run and report; the run as a whole fails.
                 log(f"{section} failed:\n{traceback.format_exc()}")
                 failed.append(section)
+    if "capacity" in sections:
+        try:
+            results["capacity"] = capacity.run(args.quick, out)
+        except Exception:
+            log(f"capacity failed:\n{traceback.format_exc()}")
+            failed.append("capacity")
     results["elapsed_s"] = time.monotonic() - started
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     from report import plot, tables
 
     text = tables(results)
     (out / "tables.md").write_text(text)
-    plot(results, plots)
+    if "heartbeat" in results or "bursts" in results:
+        plot(results, plots)
     print(text)
     print(f"results: {out / 'results.json'}; plots in {plots}")
     if failed:
