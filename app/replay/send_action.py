@@ -101,7 +101,8 @@ class SendAction:
         due = await engine.retry_or_give_up(event, outcome, now)
         if outcome.status == 429 and due is not None:
             raise _rate_limited(outcome, due - now)
-        raise _relayed(502, outcome.error, "it is retried")
+        fate = "it is retried" if due is not None else "it is finalised with that error"
+        raise _relayed(502, outcome.error, fate)
 
 
 def _refuses_credential(refused: Refused) -> bool:
