@@ -99,6 +99,8 @@ class Transient:
     # The request reached the homeserver but no answer came back (a read timeout, a dropped
     # connection, a gateway's timeout): the homeserver may have taken the event.
     in_doubt: bool = False
+    # The homeserver's status, when it answered (429: it asked us to slow down).
+    status: int | None = None
 
 
 # Failures after the whole request was sent: the homeserver may have acted on it.
@@ -251,9 +253,13 @@ class Homeserver:
         _count_error(error["errcode"])
         if response.status_code == 429:
             retry_after = error.get("retry_after_ms")
-            return Transient(error, retry_after if isinstance(retry_after, int) else None)
+            return Transient(
+                error, retry_after if isinstance(retry_after, int) else None, status=429
+            )
         if response.status_code >= 500 or response.status_code == 408:
-            return Transient(error, in_doubt=response.status_code == 504)
+            return Transient(
+                error, in_doubt=response.status_code == 504, status=response.status_code
+            )
         return Refused(response.status_code, error)
 
     async def state_event(

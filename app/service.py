@@ -27,7 +27,14 @@ from app.domain import (
 )
 from app.errors import HomeserverError, StoredCredentialFailed
 from app.models import CANCELLED, FAILED, SCHEDULED, SENT, DelayedEvent
-from app.replay import NEWER_STATE_ERROR, Credentials, ReplayRunner, SendAction, TakenOver
+from app.replay import (
+    NEWER_STATE_ERROR,
+    CancelledByNewerState,
+    Credentials,
+    ReplayRunner,
+    SendAction,
+    TakenOver,
+)
 from app.restarts import RestartBatcher
 from app.settings import Settings
 
@@ -210,6 +217,9 @@ class DelayedEventService:
             except StoredCredentialFailed as exc:
                 # Finalised by the failure: answered as a repeat of the action would be now.
                 raise CredentialFailed(exc.message) from None
+            except CancelledByNewerState:
+                # Finalised as cancelled: answered as any action on a cancelled event is.
+                raise AlreadyFinalised("cancelled") from None
             except HomeserverError as exc:
                 raise SendFailed(exc.status, exc.body(), exc.headers) from None
             except TakenOver:

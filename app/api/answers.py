@@ -4,8 +4,10 @@ turns a domain error into a Matrix error. `app.api.errors` renders the result.""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -50,16 +52,45 @@ def matrix_error(exc: DomainError, generation: Generation) -> MatrixError:
     raise TypeError(f"no answer for {type(exc).__name__}")  # pragma: no cover
 
 
+# The request scope's key for the generation a route or middleware knows its request speaks.
+GENERATION = "sidecar.generation"
+
+# Generation B's paths: the dedicated schedule endpoint (v3 or unstable msc4140), v1 management
+# and lookups, MSC4486's unstable lookup. Matched on the path as sent, still percent-encoded, so
+# that an encoded `/` in a room id, type or state key cannot spell one.
+_GENERATION_B = re.compile(
+    r"^/_matrix/client/(?:"
+    r"(?:v3|unstable/org\.matrix\.msc4140)/rooms/[^/]*/delayed_event(?:/|$)"
+    r"|v1/"
+    r"|unstable/org\.matrix\.msc4486/"
+    r")"
+)
+
+
+def record_generation(scope: MutableMapping[str, Any], generation: Generation) -> None:
+    """Note on the request's scope the generation it speaks, for `unanswered`."""
+    scope[GENERATION] = generation
+
+
 def generation_of(path: str) -> Generation:
-    """The generation a path speaks: the merged MSC's management is on v1, all else is Gen A."""
-    return Generation.B if "/_matrix/client/v1/" in path else Generation.A
+    """The generation a path (as sent, still percent-encoded) speaks."""
+    return Generation.B if _GENERATION_B.match(path) else Generation.A
 
 
 async def unanswered(request: Request, exc: Exception) -> Response:
     """The exception handler behind `answering`: a refusal that reached the framework without
-    one is still a Matrix error, shaped for the generation of its path, never a 500."""
+    one is still a Matrix error, shaped for the generation its route recorded (else its path's),
+    never a 500."""
     assert isinstance(exc, DomainError)
-    return error_response(matrix_error(exc, generation_of(request.url.path)))
+    return error_response(matrix_error(exc, request_generation(request.scope)))
+
+
+def request_generation(scope: MutableMapping[str, Any]) -> Generation:
+    """The generation recorded for the request, else its path's."""
+    recorded = scope.get(GENERATION)
+    if isinstance(recorded, Generation):
+        return recorded
+    return generation_of(scope["path"])
 
 
 @contextmanager

@@ -12,8 +12,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app import metrics
 from app.api import actions
+from app.api.answers import matrix_error, record_generation
 from app.api.errors import send_error, send_json
-from app.domain import Action, Generation
+from app.domain import Action, DomainError, Generation
 from app.errors import MatrixError
 
 _RESTART = re.compile(
@@ -41,10 +42,15 @@ class HeartbeatMiddleware:
             return
         generation = Generation.B if match["v1"] is not None else Generation.A
         scope[metrics.ROUTE_TEMPLATE] = _TEMPLATES[generation]
+        record_generation(scope, generation)
         request = Request(scope, receive)
         try:
             await actions.act(request, match["delay_id"], Action.RESTART, generation)
         except MatrixError as exc:
             await send_error(send, exc)
+            return
+        except DomainError as exc:
+            # Ahead of the framework, so of its exception handlers: answered here alike.
+            await send_error(send, matrix_error(exc, generation))
             return
         await send_json(send, 200, {})

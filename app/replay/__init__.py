@@ -25,13 +25,14 @@ from app.replay.order import next_group, side_by_side
 from app.replay.outcomes import OutcomeWriter, count_sent, log_id
 from app.replay.run import Run
 from app.replay.runner import ReplayRunner
-from app.replay.send_action import SendAction, TakenOver
+from app.replay.send_action import CancelledByNewerState, SendAction, TakenOver
 from app.replay.state_checks import StateChecks
 from app.replay.tokens import Credentials, SealedToken, token_context
 from app.replay.wakeup import WakeUp
 
 __all__ = [
     "CANCELLED_BY_STATE",
+    "CancelledByNewerState",
     "NEWER_STATE_ERROR",
     "Attempt",
     "ClaimKeeper",

@@ -221,9 +221,11 @@ class ReplayEngine:
         else:
             await self.retry_or_give_up(event, outcome, now)
 
-    async def retry_or_give_up(self, event: DelayedEvent, outcome: Transient, now: int) -> None:
+    async def retry_or_give_up(
+        self, event: DelayedEvent, outcome: Transient, now: int
+    ) -> int | None:
         """A transient failure: try again after a backoff, or fail once the retry window is
-        over."""
+        over. The time of the next try, None if given up."""
         first = event.first_failure_ts if event.first_failure_ts is not None else now
         window_end = first + int(self._settings.retry_window_seconds * 1000)
         if now >= window_end:
@@ -235,7 +237,7 @@ class ReplayEngine:
                 extra={"outcome": "gave_up"},
             )
             await self.finalise_failed(event, outcome.error)
-            return
+            return None
         due = min(now + self.backoff_ms(event.attempts, outcome.retry_after_ms), window_end)
         async with self._engine.begin() as conn:
             await claims_repo.retry_later(
@@ -250,6 +252,7 @@ class ReplayEngine:
             due - now,
             extra={"outcome": "retry"},
         )
+        return due
 
     def backoff_ms(self, attempts: int, retry_after_ms: int | None) -> int:
         """How long to wait before the next try: the homeserver's word for a 429, else doubling."""

@@ -3,12 +3,13 @@ it went."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 from app.clock import Clock
 from app.errors import HomeserverError, StoredCredentialFailed
-from app.homeserver import Refused, Sent
+from app.homeserver import Refused, Sent, Transient
 from app.liveness import ReplicaLock
 from app.models import DelayedEvent
 from app.replay.claims import ClaimKeeper
@@ -20,6 +21,11 @@ from app.replay.wakeup import WakeUp
 class TakenOver(Exception):
     """The send action's claim was lost before its request (it waited past its lease and
     another replica took the event over): not sent by the action."""
+
+
+class CancelledByNewerState(Exception):
+    """The send action found newer state of another user for the event's key: the event is
+    finalised as cancelled, not sent."""
 
 
 class SendAction:
@@ -49,12 +55,16 @@ class SendAction:
         """Replay the claimed `event` now and tell the caller how it went.
 
         A refusal is answered with the homeserver's error and the event stays scheduled on its own
-        timer; a transient failure is retried like any due event.
+        timer; a transient failure is retried like any due event. A homeserver error that its
+        caller would read as about the delayed event itself (a 404: "no such delayed event") is
+        answered as a 502 that names it.
 
         Raises:
             StoredCredentialFailed: the stored credential was missing or refused (finalised).
+            CancelledByNewerState: newer state was found (finalised as cancelled).
             TakenOver: the claim was lost before the request (not sent here).
-            HomeserverError: the homeserver's refusal, or 502 for a transient failure.
+            HomeserverError: the homeserver's refusal; 429 with the time of the scheduled retry
+                for its rate limit; 502 for another transient failure.
         """
         engine = self._engine
         credential = await self._credentials.load(event)
@@ -78,7 +88,7 @@ class SendAction:
                 # The next state event of its key, waiting for this one, may be overdue.
                 self._wakeup.wake(self._clock.now_ms())
             if isinstance(outcome, NewerState):
-                raise _cancelled_conflict()
+                raise CancelledByNewerState()
             return
         if isinstance(outcome, Refused) and _refuses_credential(outcome):
             # Only the caller's own token may answer 401: this one is the event's.
@@ -86,9 +96,13 @@ class SendAction:
             raise _credential_failed(outcome.error)
         if isinstance(outcome, Refused):
             await engine.release(event)
-            raise HomeserverError(outcome.status, outcome.error)
-        await engine.retry_or_give_up(event, outcome, self._clock.now_ms())
-        raise HomeserverError(502, outcome.error)
+            raise _relayed(outcome.status, outcome.error, "it stays scheduled")
+        now = self._clock.now_ms()
+        due = await engine.retry_or_give_up(event, outcome, now)
+        if outcome.status == 429 and due is not None:
+            raise _rate_limited(outcome, due - now)
+        fate = "it is retried" if due is not None else "it is finalised with that error"
+        raise _relayed(502, outcome.error, fate)
 
 
 def _refuses_credential(refused: Refused) -> bool:
@@ -106,7 +120,31 @@ def _credential_failed(error: dict[str, Any]) -> StoredCredentialFailed:
     )
 
 
-def _cancelled_conflict() -> HomeserverError:
+# Errcodes the sidecar's own clients read as about the delayed event or its endpoint (gone;
+# not understood, so retried in the other form), never the homeserver's answer to a replay.
+_MISREAD = ("M_NOT_FOUND", "M_UNRECOGNIZED")
+
+
+def _relayed(status: int, error: dict[str, Any], fate: str) -> HomeserverError:
+    """The homeserver's error as the send action answers it: as it came, unless its caller would
+    read it as the delayed event's own (404, "not found"), then a 502 that names it."""
+    errcode = error.get("errcode")
+    if status != 404 and errcode not in _MISREAD:
+        return HomeserverError(status, error)
+    said = error.get("error")
+    named = errcode if isinstance(errcode, str) else "no errcode"
+    if isinstance(said, str):
+        named = f"{named}: {said}"
+    message = f"The homeserver refused the delayed event ({status} {named}); {fate}"
+    return HomeserverError(502, {"errcode": "M_UNKNOWN", "error": message})
+
+
+def _rate_limited(outcome: Transient, retry_in_ms: int) -> HomeserverError:
+    """The homeserver's rate limit, with the time until the event's own retry."""
+    said = outcome.error.get("error")
+    message = said if isinstance(said, str) else "The homeserver is rate limiting"
     return HomeserverError(
-        409, {"errcode": "M_UNKNOWN", "error": "The delayed event was cancelled by newer state"}
+        429,
+        {"errcode": "M_LIMIT_EXCEEDED", "error": message, "retry_after_ms": retry_in_ms},
+        {"Retry-After": str(math.ceil(retry_in_ms / 1000))},
     )
