@@ -152,7 +152,7 @@ class Replayer:
 
     async def next_due(self) -> int | None:
         async with self.engine.connect() as conn:
-            return await claims_repo.next_due(conn)
+            return await claims_repo.next_due(conn, self.clock.now_ms(), self.holder)
 
     @property
     def holder(self) -> int | None:
