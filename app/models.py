@@ -125,6 +125,15 @@ Index(
     delayed_event.c.due_ts,
     postgresql_where=(delayed_event.c.status == SCHEDULED) & delayed_event.c.claim_id.isnot(None),
 )
+# A room's scheduled rows in send order: a claim checks that what it takes of a room is the
+# room's due prefix (`claims_repo.claim_due`).
+Index(
+    "ix_delayed_event_room_scheduled",
+    delayed_event.c.room_id,
+    delayed_event.c.send_ts,
+    delayed_event.c.delay_id,
+    postgresql_where=delayed_event.c.status == SCHEDULED,
+)
 Index(
     "ix_delayed_event_state",
     delayed_event.c.room_id,

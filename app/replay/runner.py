@@ -115,7 +115,7 @@ class ReplayRunner:
 
     async def next_due(self) -> int | None:
         async with self._engine.connect() as conn:
-            return await claims_repo.next_due(conn)
+            return await claims_repo.next_due(conn, self._clock.now_ms(), self.holder)
 
     async def free_dead_claims(self) -> int:
         """Make the claims of replicas that are gone due now; how many."""

@@ -74,7 +74,8 @@ async def test_events_claimed_while_a_renewal_is_on_its_way_stay_held(
 ) -> None:
     for n in range(2):
         await schedule_message(client, 1000, txn=f"first{n}")
-    await schedule_message(client, 30_000, txn="later")
+    # In another room: the first claim holds its room until its events are done.
+    await schedule_message(client, 30_000, txn="later", room=enc("!other:test"))
     replay = app.state.container.replay
     engine = app.state.container.engine
     clock.advance(1000)
