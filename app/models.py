@@ -126,7 +126,7 @@ Index(
     postgresql_where=(delayed_event.c.status == SCHEDULED) & delayed_event.c.claim_id.isnot(None),
 )
 # A room's scheduled rows in send order: a claim checks that what it takes of a room is the
-# room's due prefix (`claims_repo.claim_due`).
+# room's due prefix (`due_repo.claim_due`).
 Index(
     "ix_delayed_event_room_scheduled",
     delayed_event.c.room_id,

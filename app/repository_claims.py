@@ -1,6 +1,6 @@
-"""The statements of the replays: a replica claims due events, holds them under a lease it
-renews, and writes each outcome back under its claim. Like app.repository, they take a connection
-inside the caller's transaction and never commit."""
+"""The writes of a claim: a replica holds the events it claimed (`app.repository_due`) under a
+lease it renews, and writes each outcome back under its claim. Like app.repository, they take a
+connection inside the caller's transaction and never commit."""
 
 from __future__ import annotations
 
@@ -18,9 +18,7 @@ from sqlalchemy import (
     column,
     func,
     or_,
-    select,
     text,
-    tuple_,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -28,12 +26,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.types import TypeEngine
 
 from app.models import (
-    EVENT_COLUMNS,
     SCHEDULED,
     SENT,
     DelayedEvent,
     delayed_event,
-    event_from_row,
 )
 from app.repository_tokens import forget_unused_tokens
 
@@ -47,17 +43,17 @@ def new_claim_id(holder: int | None) -> str:
     return f"{holder}.{claim}" if holder is not None else claim
 
 
-_IN_DOUBT = "doubt-"
+IN_DOUBT = "doubt-"
 
 
 def in_doubt_claim_id() -> str:
     """The claim id held by an event whose last send timed out: no replica holds it, but the
     homeserver may have taken the event, so it counts as being sent until a retry settles it."""
-    return _IN_DOUBT + secrets.token_hex(8)
+    return IN_DOUBT + secrets.token_hex(8)
 
 
 # The keys of the replica locks held now, in this database (`app.liveness`), as text.
-_LIVE_HOLDERS = """
+LIVE_HOLDERS = """
     SELECT l.objid::text FROM pg_locks AS l
     WHERE l.locktype = 'advisory' AND l.classid = 4140 AND l.objsubid = 2 AND l.granted
       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
@@ -67,7 +63,7 @@ _LIVE_HOLDERS = """
 def _holder_alive() -> ColumnElement[bool]:
     """The row's claim names no replica lock (an older replica's, or an in-doubt one: its lease
     alone counts), or names one that is held."""
-    live = text(_LIVE_HOLDERS).columns(column("objid", Text))
+    live = text(LIVE_HOLDERS).columns(column("objid", Text))
     return or_(func.strpos(T.claim_id, ".") == 0, func.split_part(T.claim_id, ".", 1).in_(live))
 
 
@@ -94,140 +90,6 @@ def _unnest(name: str, **columns: tuple[str, type[TypeEngine[Any]]]) -> Any:
         .table_valued(*(column(key, kind) for key, (_, kind) in columns.items()))
         .render_derived(name=name)
     )
-
-
-def _not_waiting(table: Any = delayed_event) -> Any:
-    """Not a state event waiting for an earlier one of its (room, type, state_key): the later
-    state must never land first, whichever replica sends which, so it becomes claimable only once
-    the earlier one is finalised."""
-    row = table.c
-    earlier = delayed_event.alias()
-    E = earlier.c
-    earlier_pending = (
-        select(text("1"))
-        .select_from(earlier)
-        .where(
-            E.status == SCHEDULED,
-            E.room_id == row.room_id,
-            E.event_type == row.event_type,
-            E.state_key == row.state_key,
-            tuple_(E.send_ts, E.delay_id) < tuple_(row.send_ts, row.delay_id),
-        )
-        .exists()
-    )
-    return or_(row.state_key.is_(None), ~earlier_pending)
-
-
-def _rooms_held_by_others(now: int, holder: int | None) -> Any:
-    """The rooms in which another replica is sending: a row of theirs carries a claim whose lease
-    runs past `now` and that is not this replica's (`holder`). Claims named by no lock cannot be
-    told apart, so without a `holder` every claim counts as another's. An in-doubt claim (a
-    retry after a timeout) holds no room: the retry goes out after what is sent meanwhile, as a
-    retry after any transient failure does. A claim of a replica that is gone counts until its
-    rows are freed (`free_dead_claims`): they are then due, and are taken in order with the rest
-    of their room. Reads only the claimed rows (their own index)."""
-    held = delayed_event.alias("held")
-    H = held.c
-    conditions = [
-        H.status == SCHEDULED,
-        H.claim_id.isnot(None),
-        H.due_ts > now,
-        ~H.claim_id.startswith(_IN_DOUBT),
-    ]
-    if holder is not None:
-        conditions.append(~H.claim_id.startswith(f"{holder}."))
-    return select(H.room_id).where(*conditions)
-
-
-_NO_JIT = text("SET LOCAL jit = off")
-
-
-async def claim_due(
-    conn: AsyncConnection, now: int, lease_ms: int, limit: int, holder: int | None = None
-) -> list[DelayedEvent]:
-    """Claim up to `limit` due events, earliest send time first, and for each state key only
-    the earliest (the next one becomes claimable when it is finalised).
-
-    A room's events are sent by one replica at a time, in send order: no event is claimed in a
-    room where another replica holds a live claim (`_rooms_held_by_others`), and what a claim
-    takes of a room is a prefix of the room's due events. The replica holding a room claims its
-    later events itself, its room queue sends them after the earlier ones.
-
-    Rows locked by another claim are skipped, not waited for; a claim's lease moves `due_ts`
-    forward, so a replica that dies mid-replay leaves rows that fall due again (at once, with
-    `free_dead_claims`, when the claim names the dead replica's lock). With a `holder`, the
-    claims name it, and nothing is claimed unless that lock is still held.
-    """
-    conditions: list[Any] = [
-        T.status == SCHEDULED,
-        T.due_ts <= now,
-        _not_waiting(),
-        T.room_id.not_in(_rooms_held_by_others(now, holder)),
-    ]
-    if holder is not None:
-        conditions.append(
-            text(f"CAST(:holder AS text) IN ({_LIVE_HOLDERS})").bindparams(holder=str(holder))
-        )
-    due = (
-        select(T.delay_id)
-        .where(*conditions)
-        .order_by(T.send_ts, T.delay_id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-        .cte("due")
-    )
-    # A room's due event passed over by this claim (locked by a concurrent claim, or claimed
-    # since this statement's snapshot was taken: its lock then finds the row changed) keeps the
-    # room's later ones out of it: they would overtake it, or go out beside a claim this
-    # statement cannot see yet. A state event waiting for an earlier one of its key is no
-    # such event: it is not claimable, and what it waits for holds the room back if anything.
-    ahead = delayed_event.alias("ahead")
-    passed_over = (
-        select(text("1"))
-        .select_from(ahead)
-        .where(
-            ahead.c.status == SCHEDULED,
-            ahead.c.room_id == T.room_id,
-            tuple_(ahead.c.send_ts, ahead.c.delay_id) < tuple_(T.send_ts, T.delay_id),
-            ahead.c.due_ts <= now,
-            ahead.c.delay_id.not_in(select(due.c.delay_id)),
-            _not_waiting(ahead),
-        )
-        .exists()
-    )
-    claim_id = new_claim_id(holder)
-    # The planner's estimate of this statement grows with the rows per room and soon passes
-    # PostgreSQL's JIT threshold; compiling it would cost far more than running it.
-    await conn.execute(_NO_JIT)
-    result = await conn.execute(
-        update(delayed_event)
-        .where(T.delay_id == due.c.delay_id, ~passed_over)
-        .values(claim_id=claim_id, due_ts=now + lease_ms)
-        .returning(*EVENT_COLUMNS)
-    )
-    events = [event_from_row(row) for row in result]
-    events.sort(key=lambda e: (e.send_ts, e.delay_id))
-    return events
-
-
-async def next_due(conn: AsyncConnection, now: int, holder: int | None) -> int | None:
-    """The earliest time any scheduled event wants the attention of the replica `holder`. A
-    state event waiting for an earlier one of its key wants none: it becomes claimable when that
-    one is finalised, and the replica finalising it claims again. Nor does a due event in a room
-    another replica is sending (`claim_due` would not take it): that replica claims it, or its
-    lease runs out, and the lease's end is a wake-up of its own."""
-    result = await conn.execute(
-        select(T.due_ts)
-        .where(
-            T.status == SCHEDULED,
-            _not_waiting(),
-            or_(T.due_ts > now, T.room_id.not_in(_rooms_held_by_others(now, holder))),
-        )
-        .order_by(T.due_ts)
-        .limit(1)
-    )
-    due: int | None = result.scalar_one_or_none()
-    return due
 
 
 async def finalise(

@@ -38,7 +38,7 @@ class OutcomeWriter:
     Sending on before an outcome is committed keeps every guarantee: a message repeated after a
     crash carries the same transaction id and lands once, in its place; and the next delayed state
     event for the same (room, type, state_key) can't be claimed before this one's outcome is
-    committed (`claims_repo.claim_due`), so per-key order does not depend on this writer. A write
+    committed (`due_repo.claim_due`), so per-key order does not depend on this writer. A write
     that fails leaves the rows claimed; their lease runs out and they are replayed (as the same
     events). The run ends only once every outcome is written. Refusals and retries are written
     by the room itself, before it goes on."""

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import repository_claims as claims_repo
+from app import repository_due as due_repo
 from app import repository_tokens as tokens_repo
 from app.clock import Clock
 from app.homeserver import Credential
@@ -168,7 +169,7 @@ class Run:
         async with self._engine.begin() as conn:
             # The claims of a replica that is gone are taken over at once, not at their lease's end.
             await claims_repo.free_dead_claims(conn, now)
-            events = await claims_repo.claim_due(conn, now, self._lease_ms, limit, self._holder())
+            events = await due_repo.claim_due(conn, now, self._lease_ms, limit, self._holder())
             devices = {(e.user_id, e.device_id) for e in events}
             sealed = await tokens_repo.load_tokens(conn, devices)
         if not events:

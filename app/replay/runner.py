@@ -8,6 +8,7 @@ import asyncio
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import repository_claims as claims_repo
+from app import repository_due as due_repo
 from app.clock import Clock
 from app.liveness import ReplicaLock
 from app.replay.claims import ClaimKeeper
@@ -115,7 +116,7 @@ class ReplayRunner:
 
     async def next_due(self) -> int | None:
         async with self._engine.connect() as conn:
-            return await claims_repo.next_due(conn, self._clock.now_ms(), self.holder)
+            return await due_repo.next_due(conn, self._clock.now_ms(), self.holder)
 
     async def free_dead_claims(self) -> int:
         """Make the claims of replicas that are gone due now; how many."""

@@ -13,7 +13,7 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import event, text
 
-from app import repository_claims as claims_repo
+from app import repository_due as due_repo
 
 NOW = 1_800_000_000_000
 ROWS = 100_000
@@ -68,7 +68,7 @@ async def test_the_claim_reads_through_indexes(app: FastAPI, shape: str) -> None
     event.listen(engine.sync_engine, "before_cursor_execute", record)
     try:
         async with engine.connect() as conn:
-            claimed = await claims_repo.claim_due(conn, NOW, 30_000, 200)
+            claimed = await due_repo.claim_due(conn, NOW, 30_000, 200)
             assert len(claimed) == 200
             await conn.rollback()
     finally:

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from app import repository_claims as claims_repo
+from app import repository_due as due_repo
 from app.crypto import new_key
 from app.main import create_app
 from tests.conftest import make_settings
@@ -40,7 +41,7 @@ async def slow_app(
             clock.advance(40_000)
             engine = holder[0].state.container.engine
             async with engine.begin() as conn:
-                stolen.append(len(await claims_repo.claim_due(conn, clock.now_ms(), LEASE_MS, 100)))
+                stolen.append(len(await due_repo.claim_due(conn, clock.now_ms(), LEASE_MS, 100)))
         return homeserver.handle(request)
 
     app = create_app(
@@ -80,12 +81,12 @@ async def test_events_claimed_while_a_renewal_is_on_its_way_stay_held(
     engine = app.state.container.engine
     clock.advance(1000)
     async with engine.begin() as conn:
-        first = await claims_repo.claim_due(conn, clock.now_ms(), 60_000, 10)
+        first = await due_repo.claim_due(conn, clock.now_ms(), 60_000, 10)
     keeper = replay.new_keeper()
     keeper.add(first, clock.now_ms())
     clock.advance(29_000)  # past a third of the lease: the next check renews
     async with engine.begin() as conn:
-        later = await claims_repo.claim_due(conn, clock.now_ms(), 60_000, 10)
+        later = await due_repo.claim_due(conn, clock.now_ms(), 60_000, 10)
     assert len(later) == 1
     renew = claims_repo.renew_claims
 
@@ -229,12 +230,12 @@ async def test_a_claim_taken_again_stays_renewed_when_the_first_is_let_go(
     lease = replay.lease_ms
     clock.advance(1000)
     async with engine.begin() as conn:
-        (first,) = await claims_repo.claim_due(conn, clock.now_ms(), lease, 10)
+        (first,) = await due_repo.claim_due(conn, clock.now_ms(), lease, 10)
     keeper = replay.new_keeper()
     keeper.add([first], clock.now_ms())
     clock.advance(lease + 1)  # the first claim lapses; the run claims the event again
     async with engine.begin() as conn:
-        (again,) = await claims_repo.claim_due(conn, clock.now_ms(), lease, 10)
+        (again,) = await due_repo.claim_due(conn, clock.now_ms(), lease, 10)
     assert (again.delay_id, again.claim_id != first.claim_id) == (first.delay_id, True)
     keeper.add([again], clock.now_ms())
     keeper.done(first)  # the first copy is handled (its send found the claim gone)

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from app import repository_claims as claims_repo
+from app import repository_due as due_repo
 from app.crypto import new_key
 from app.liveness import LOCK_CLASS
 from tests.integration.common import ALICE, enc, get_event, rows, schedule_message, state_path
@@ -139,7 +140,7 @@ async def test_claims_naming_no_lock_keep_their_lease(
     replay = _replay(app)
     clock.advance(1000)
     async with app.state.container.engine.begin() as conn:
-        claimed = await claims_repo.claim_due(conn, clock.now_ms(), replay.lease_ms, 10)
+        claimed = await due_repo.claim_due(conn, clock.now_ms(), replay.lease_ms, 10)
         (doubt,) = [e for e in claimed if e.delay_id == retried]
         await claims_repo.retry_later(
             conn, doubt, due_ts=clock.now_ms() + 5000, first_failure_ts=0, in_doubt=True
@@ -163,7 +164,7 @@ async def test_a_replica_that_lost_its_lock_takes_a_new_key(
         await schedule_message(client, 1000)
         clock.advance(1000)
         async with app.state.container.engine.begin() as conn:
-            (claimed,) = await claims_repo.claim_due(conn, clock.now_ms(), 60_000, 10, old)
+            (claimed,) = await due_repo.claim_due(conn, clock.now_ms(), 60_000, 10, old)
         await _end_session_from_the_server(app)
         assert not await liveness.check()
         assert liveness.key is None

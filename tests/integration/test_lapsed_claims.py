@@ -15,6 +15,7 @@ import pytest
 from fastapi import FastAPI
 
 from app import repository_claims as claims_repo
+from app import repository_due as due_repo
 from tests.integration.common import (
     ALICE,
     UNSTABLE,
@@ -50,7 +51,7 @@ async def _claim_and_die(app: FastAPI, clock: FakeClock) -> None:
     container = app.state.container
     lease_ms = int(container.settings.claim_lease_seconds * 1000)
     async with container.engine.begin() as conn:
-        claimed = await claims_repo.claim_due(conn, clock.now_ms(), lease_ms, 10)
+        claimed = await due_repo.claim_due(conn, clock.now_ms(), lease_ms, 10)
     assert len(claimed) == 1
     clock.advance(lease_ms + 1)
 

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from app import repository_claims as claims_repo
+from app import repository_due as due_repo
 from app.models import DelayedEvent
 from tests.integration.common import (
     ALICE,
@@ -133,7 +134,7 @@ async def test_an_outcome_under_a_lapsed_claim_is_not_written(
     clock.advance(1000)
     engine = app.state.container.engine
     async with engine.begin() as conn:
-        (event,) = await claims_repo.claim_due(conn, clock.now_ms(), 60_000, 10)
+        (event,) = await due_repo.claim_due(conn, clock.now_ms(), 60_000, 10)
         # Another replica's claim took the row over.
         await conn.execute(
             text("UPDATE delayed_event SET claim_id = 'other' WHERE delay_id = :d"),

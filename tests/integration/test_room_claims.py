@@ -17,6 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import repository_claims as claims_repo
+from app import repository_due as due_repo
 from app.crypto import new_key
 from app.liveness import LOCK_CLASS
 from app.models import DelayedEvent
@@ -62,7 +63,7 @@ async def _claim(
     engine: AsyncEngine, clock: FakeClock, limit: int, holder: int | None
 ) -> list[DelayedEvent]:
     async with engine.begin() as conn:
-        return await claims_repo.claim_due(conn, clock.now_ms(), LEASE, limit, holder)
+        return await due_repo.claim_due(conn, clock.now_ms(), LEASE, limit, holder)
 
 
 async def test_a_claim_takes_no_later_event_of_a_room_another_claim_holds_earlier_ones_of(
@@ -93,7 +94,7 @@ async def test_a_claim_being_made_keeps_its_rooms_later_events_from_another(
     async with _replica(engine, A), _replica(engine, B):
         async with engine.connect() as conn_a:
             await conn_a.begin()
-            held = await claims_repo.claim_due(conn_a, clock.now_ms(), LEASE, 2, A)
+            held = await due_repo.claim_due(conn_a, clock.now_ms(), LEASE, 2, A)
             assert _ids(held) == x[:2]
             assert _ids(await _claim(engine, clock, 10, B)) == y
             await conn_a.commit()
@@ -125,7 +126,7 @@ async def test_the_rest_of_a_room_is_claimable_once_the_earlier_claim_is_done(
 
 async def _next_due(engine: AsyncEngine, clock: FakeClock, holder: int | None) -> int | None:
     async with engine.connect() as conn:
-        return await claims_repo.next_due(conn, clock.now_ms(), holder)
+        return await due_repo.next_due(conn, clock.now_ms(), holder)
 
 
 async def test_the_next_wake_up_is_not_for_events_held_back_behind_another_claim(

@@ -14,6 +14,7 @@ REPOSITORIES = {
     "app.repository",
     "app.repository_admin",
     "app.repository_claims",
+    "app.repository_due",
     "app.repository_health",
     "app.repository_history",
     "app.repository_lookup",
