@@ -8,12 +8,13 @@ import hashlib
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote
 
 from starlette.requests import Request
 
 from app.clock import Clock
-from app.errors import MatrixError, MissingToken
+from app.errors import HomeserverError, LimitExceeded, MatrixError, MissingToken
 from app.homeserver import Homeserver, Whoami
 from app.tasks import retrieve_exception
 
@@ -79,6 +80,10 @@ def _checked(token: str) -> str:
     return token
 
 
+# How long a caller turned away with whoami calls at their limit is asked to wait.
+_RETRY_AFTER_MS = 1000
+
+
 def _unknown() -> MatrixError:
     return MatrixError("Unknown access token", status=401, errcode="M_UNKNOWN_TOKEN")
 
@@ -90,10 +95,25 @@ class Authenticator:
     Concurrent requests with the same uncached (or just expired) token share one whoami call: a
     client sending many requests with one token (a call's heartbeat) would otherwise send the
     homeserver one whoami per request in flight each time the cached answer runs out, and every
-    one of them would wait for that pile of calls."""
+    one of them would wait for that pile of calls.
+
+    Nothing a caller sends can tie up the homeserver client with whoami calls: at most
+    `max_lookups` are under way at once, and a request needing one more is answered at once with
+    429 `M_LIMIT_EXCEEDED` (tokens already known are still answered from the cache). A token the
+    homeserver refused is remembered as refused for `refusal_ttl_seconds`, so repeating a bad
+    token costs the homeserver nothing more. Both caches are keyed by a SHA-256 of the token and
+    bounded in size, the oldest entry going first."""
 
     def __init__(
-        self, homeserver: Homeserver, ttl_seconds: float, clock: Clock, max_entries: int = 20_000
+        self,
+        homeserver: Homeserver,
+        ttl_seconds: float,
+        clock: Clock,
+        max_entries: int = 20_000,
+        *,
+        max_lookups: int = 20,
+        refusal_ttl_seconds: float = 5.0,
+        max_refused: int = 10_000,
     ):
         self._homeserver = homeserver
         self._ttl_ms = ttl_seconds * 1000
@@ -102,17 +122,30 @@ class Authenticator:
         self._cache: OrderedDict[bytes, tuple[float, Whoami]] = OrderedDict()
         # The whoami call under way for a token (by its hash), shared by whoever asks meanwhile.
         self._pending: dict[bytes, asyncio.Task[Whoami]] = {}
+        self._max_lookups = max_lookups
+        self._refusal_ttl_ms = refusal_ttl_seconds * 1000
+        self._max_refused = max_refused
+        # Refusals by token hash: until when, the status and the homeserver's error body.
+        self._refused: OrderedDict[bytes, tuple[float, int, dict[str, Any]]] = OrderedDict()
 
     async def authenticate(self, token: str) -> Requester:
         """The requester owning `token`; the homeserver's refusal is raised unchanged."""
         key = hashlib.sha256(token.encode()).digest()
+        now = self._clock.monotonic_ms()
         cached = self._cache.get(key)
-        if cached is not None and cached[0] > self._clock.monotonic_ms():
+        if cached is not None and cached[0] > now:
             self._cache.move_to_end(key)
             whoami = cached[1]
         else:
             lookup = self._pending.get(key)
             if lookup is None:
+                self._raise_if_refused(key, now)
+                if len(self._pending) >= self._max_lookups:
+                    raise LimitExceeded(
+                        "Too many requests with unknown access tokens; try again shortly",
+                        extra={"retry_after_ms": _RETRY_AFTER_MS},
+                        headers={"Retry-After": str(_RETRY_AFTER_MS // 1000)},
+                    )
                 lookup = asyncio.create_task(self._lookup(key, token))
                 # Retrieved here too, so that a failure nobody waits for any more is not
                 # reported as never retrieved.
@@ -121,6 +154,16 @@ class Authenticator:
             # One caller going away (a client disconnecting) does not cancel the others' call.
             whoami = await asyncio.shield(lookup)
         return Requester(whoami.user_id, whoami.device_id, token)
+
+    def _raise_if_refused(self, key: bytes, now: float) -> None:
+        refused = self._refused.get(key)
+        if refused is None:
+            return
+        until, status, body = refused
+        if until <= now:
+            del self._refused[key]
+            return
+        raise HomeserverError(status, dict(body))
 
     async def _lookup(self, key: bytes, token: str) -> Whoami:
         now = self._clock.monotonic_ms()
@@ -132,6 +175,14 @@ class Authenticator:
                 while len(self._cache) > self._max:
                     self._cache.popitem(last=False)
             return whoami
+        except HomeserverError as exc:
+            # The token is not the homeserver's (401); a 403 or 429 is no verdict on the token.
+            if exc.status == 401 and self._refusal_ttl_ms > 0:
+                self._refused[key] = (now + self._refusal_ttl_ms, exc.status, exc.body())
+                self._refused.move_to_end(key)
+                while len(self._refused) > self._max_refused:
+                    self._refused.popitem(last=False)
+            raise
         finally:
             self._pending.pop(key, None)
 

@@ -1,4 +1,4 @@
-"""The application: its lifespan owns the database engine, the homeserver client and the
+"""The application: its lifespan owns the database engine, the homeserver clients and the
 scheduler."""
 
 from __future__ import annotations
@@ -62,18 +62,16 @@ def build_container(
         # messages of database errors, which are logged.
         hide_parameters=True,
     )
-    client = httpx.AsyncClient(
-        transport=transport,
-        timeout=settings.homeserver_timeout_seconds,
-        limits=httpx.Limits(max_connections=100, max_keepalive_connections=50),
-    )
-    homeserver = Homeserver(settings.homeserver_url, client)
+    # Two clients, two connection pools: one for what clients send (whoami, pass-through), one
+    # for replays, so that nothing a client sends can keep a replay waiting for a connection.
+    homeserver = Homeserver(settings.homeserver_url, _homeserver_client(settings, transport))
+    replay_homeserver = Homeserver(settings.homeserver_url, _homeserver_client(settings, transport))
     # The one wake-up: asked for times by the service, the runs and the send action; the
     # scheduler's alarm answers it once started.
     wakeup = WakeUp()
     liveness = ReplicaLock(engine, settings.liveness_check_seconds)
     credentials = Credentials(engine, TokenCipher(settings.token_keys), settings)
-    replay_engine = ReplayEngine(engine, homeserver, clock, settings, wakeup)
+    replay_engine = ReplayEngine(engine, replay_homeserver, clock, settings, wakeup)
     replay = ReplayRunner(engine, replay_engine, credentials, clock, settings, wakeup, liveness)
     send_action = SendAction(replay_engine, credentials, replay.new_keeper, clock, wakeup, liveness)
     service = DelayedEventService(
@@ -94,7 +92,14 @@ def build_container(
         settings=settings,
         engine=engine,
         homeserver=homeserver,
-        auth=Authenticator(homeserver, settings.whoami_cache_seconds, clock),
+        replay_homeserver=replay_homeserver,
+        auth=Authenticator(
+            homeserver,
+            settings.whoami_cache_seconds,
+            clock,
+            max_lookups=settings.whoami_max_concurrent,
+            refusal_ttl_seconds=settings.whoami_refusal_cache_seconds,
+        ),
         service=service,
         replay_engine=replay_engine,
         replay=replay,
@@ -153,6 +158,16 @@ class Drain:
             )
 
 
+def _homeserver_client(
+    settings: Settings, transport: httpx.AsyncBaseTransport | None
+) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=transport,
+        timeout=settings.homeserver_timeout_seconds,
+        limits=httpx.Limits(max_connections=100, max_keepalive_connections=50),
+    )
+
+
 def _rate_limits(settings: Settings, clock: Clock) -> RateLimits:
     def now() -> float:
         return clock.now_ms() / 1000
@@ -202,6 +217,7 @@ def create_app(
             if liveness is not None:
                 await liveness.stop()
             await container.homeserver.client.aclose()
+            await container.replay_homeserver.client.aclose()
             await container.engine.dispose()
 
     app = FastAPI(

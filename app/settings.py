@@ -101,6 +101,10 @@ class Settings(DatabaseSettings):
     max_body_bytes: int = Field(default=65_536, ge=1024)
 
     whoami_cache_seconds: float = Field(default=60.0, ge=0)
+    # whoami calls under way at once for tokens not yet known; a request needing one more is
+    # answered 429 at once. A refused token is remembered as refused this long.
+    whoami_max_concurrent: int = Field(default=20, ge=1)
+    whoami_refusal_cache_seconds: float = Field(default=5.0, ge=0)
     homeserver_timeout_seconds: float = Field(default=10.0, gt=0)
     sweep_interval_seconds: float = Field(default=15.0, gt=0)
     # A claim's lease is renewed every third of it while its replica lives; it runs out only for

@@ -23,6 +23,8 @@ class Container:
     settings: Settings
     engine: AsyncEngine
     homeserver: Homeserver
+    # The replays' own client (own connection pool); `homeserver` serves what clients send.
+    replay_homeserver: Homeserver
     auth: Authenticator
     service: DelayedEventService
     replay_engine: ReplayEngine

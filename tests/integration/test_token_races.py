@@ -159,7 +159,7 @@ async def test_a_claim_keeps_the_token_it_loaded_when_an_event_of_the_device_is_
         wakeup = WakeUp()
         replay = ReplayRunner(
             held,
-            ReplayEngine(held, container.homeserver, clock, settings, wakeup),
+            ReplayEngine(held, container.replay_homeserver, clock, settings, wakeup),
             Credentials(held, TokenCipher(settings.token_keys), settings),
             clock,
             settings,

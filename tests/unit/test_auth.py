@@ -69,8 +69,9 @@ async def test_different_tokens_are_looked_up_separately(whoami: Whoami) -> None
     assert whoami.calls == 2
 
 
-async def test_a_refusal_reaches_every_waiter_and_is_not_cached(whoami: Whoami) -> None:
-    auth = authenticator(whoami)
+async def test_a_refusal_reaches_every_waiter_and_is_remembered_briefly(whoami: Whoami) -> None:
+    clock = FakeClock()
+    auth = authenticator(whoami, clock=clock)
     whoami.status = 401
     waiting = [asyncio.create_task(auth.authenticate("bad")) for _ in range(5)]
     await _settle()
@@ -79,6 +80,10 @@ async def test_a_refusal_reaches_every_waiter_and_is_not_cached(whoami: Whoami) 
     assert whoami.calls == 1
     assert all(isinstance(r, HomeserverError) and r.status == 401 for r in results)
     whoami.status = 200
+    with pytest.raises(HomeserverError):
+        await auth.authenticate("bad")  # the refusal is remembered: not asked again
+    assert whoami.calls == 1
+    clock.advance(5000)
     assert (await auth.authenticate("bad")).user_id == "@alice:test"
     assert whoami.calls == 2
 
