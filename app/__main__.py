@@ -12,9 +12,14 @@ import signal
 import sys
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from app.settings import Settings, SettingsError, load_database_settings, load_settings
 from app.version import DISTRIBUTION, version
+
+if TYPE_CHECKING:
+    import uvicorn
+    from fastapi import FastAPI
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,12 +52,11 @@ def serve(settings: Settings) -> None:
     """Serve until SIGTERM or SIGINT. SIGTERM starts the drain at once (`app.main.Drain`: `/ready`
     answers 503, nothing more is claimed, claims not at the homeserver are given back), goes on
     serving for `SIDECAR_DRAIN_SECONDS` so that load balancers see the 503 and send requests
-    elsewhere, then stops accepting connections; requests still open get the homeserver timeout
-    plus 5 s, and the lifespan's end waits for the drain before it gives up the replica lock. A
-    second SIGTERM, or SIGINT, skips the wait."""
+    elsewhere, then stops accepting connections; requests still open get as long as the drain
+    (`server_config`), and the lifespan's end waits for the drain before it gives up the replica
+    lock. A second SIGTERM, or SIGINT, skips the wait."""
     import uvicorn
 
-    from app.api.middleware import http_protocol
     from app.main import Drain, create_app
 
     configure_logging(settings)
@@ -75,7 +79,25 @@ def serve(settings: Settings) -> None:
             log.info("SIGTERM: draining; serving %.1f s more", settings.drain_seconds)
             loop.call_later(settings.drain_seconds, super().handle_exit, sig, frame)
 
-    config = uvicorn.Config(
+    config = server_config(app, settings)
+    # What start-up built lives as long as the process: keep it out of the collector's full
+    # passes, which otherwise walk it all again and again under load.
+    gc.freeze()
+    server = Server(config)
+    server.run()
+    if not server.started:
+        sys.exit(3)  # as uvicorn.run: start-up failed
+
+
+def server_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    """uvicorn's configuration. Requests still open when it stops accepting connections (a send
+    action among them) get as long as the drain does (`app.main.shutdown_seconds`)."""
+    import uvicorn
+
+    from app.api.middleware import http_protocol
+    from app.main import shutdown_seconds
+
+    return uvicorn.Config(
         app,
         host=settings.listen_host,
         port=settings.listen_port,
@@ -86,15 +108,8 @@ def serve(settings: Settings) -> None:
         proxy_headers=True,
         server_header=False,
         http=http_protocol(),
-        timeout_graceful_shutdown=math.ceil(settings.homeserver_timeout_seconds) + 5,
+        timeout_graceful_shutdown=math.ceil(shutdown_seconds(settings)),
     )
-    # What start-up built lives as long as the process: keep it out of the collector's full
-    # passes, which otherwise walk it all again and again under load.
-    gc.freeze()
-    server = Server(config)
-    server.run()
-    if not server.started:
-        sys.exit(3)  # as uvicorn.run: start-up failed
 
 
 def main(argv: list[str] | None = None) -> int:

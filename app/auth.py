@@ -7,7 +7,7 @@ import asyncio
 import hashlib
 import re
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
@@ -23,7 +23,7 @@ from app.tasks import retrieve_exception
 class Requester:
     user_id: str
     device_id: str | None
-    token: str
+    token: str = field(repr=False)  # never in a log line or a traceback
 
 
 # An access token as every homeserver issues them: printable ASCII, no spaces.

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, unquote, urlencode
 
@@ -65,7 +65,7 @@ class Credential:
     """How to act as a user: their own access token, or the application service's token with
     the user (and device) named in the query."""
 
-    token: str
+    token: str = field(repr=False)  # never in a log line or a traceback
     as_user: str | None = None
     as_device: str | None = None
 

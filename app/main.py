@@ -34,13 +34,36 @@ from app.liveness import ReplicaLock
 from app.logs import RequestIdMiddleware
 from app.lookups import Lookups
 from app.ratelimit import RateLimits, TokenBuckets
-from app.replay import Credentials, ReplayEngine, ReplayRunner, SendAction, WakeUp
+from app.replay import (
+    Credentials,
+    ReplayEngine,
+    ReplayRunner,
+    SendAction,
+    WakeUp,
+    longest_attempt_seconds,
+)
 from app.scheduler import WakeUpScheduler
 from app.service import DelayedEventService
 from app.settings import Settings
 from app.version import version
 
 logger = logging.getLogger(__name__)
+
+# The database's bounds: waiting for a pooled connection, and again for a new one to connect;
+# one statement.
+DATABASE_WAIT_SECONDS = 5
+STATEMENT_SECONDS = 10
+
+
+def shutdown_seconds(settings: Settings) -> float:
+    """How long a stopping replica waits for the work it has begun, in the drain and for the
+    requests still open alike: the longest attempt of one send (its newer-state check and its
+    sends, each within the request deadline) and the write of its outcome. The replica lock,
+    which keeps peers off its claims, is given up only after that; given up sooner, a peer would
+    send again what is still at the homeserver, and a state event has no transaction id to make
+    the homeserver drop the repeat."""
+    write = 2 * DATABASE_WAIT_SECONDS + STATEMENT_SECONDS
+    return longest_attempt_seconds(settings) + write
 
 
 def build_container(
@@ -56,8 +79,8 @@ def build_container(
         pool_size=settings.database_pool_size,
         max_overflow=settings.database_pool_size,
         pool_pre_ping=True,
-        pool_timeout=5,
-        connect_args={"command_timeout": 10, "timeout": 5},
+        pool_timeout=DATABASE_WAIT_SECONDS,
+        connect_args={"command_timeout": STATEMENT_SECONDS, "timeout": DATABASE_WAIT_SECONDS},
         # Statement parameters hold event content and encrypted tokens: keep them out of the
         # messages of database errors, which are logged.
         hide_parameters=True,
@@ -114,8 +137,8 @@ class Drain:
     """A replica shutting down, in order: `/ready` answers 503 and nothing more is claimed from
     the first moment (`start`, synchronous, so a signal handler can call it); every claim not yet
     at the homeserver is given back, free and due now, for the other replicas; the sends already
-    at the homeserver are answered (each within the homeserver timeout) and their outcomes
-    written. The replica lock is given up only after that, by the lifespan's end."""
+    at the homeserver are answered and their outcomes written, for at most `shutdown_seconds`.
+    The replica lock is given up only after that, by the lifespan's end."""
 
     def __init__(self, container: Container) -> None:
         self._container = container
@@ -141,9 +164,7 @@ class Drain:
     async def _drain(self) -> None:
         settings = self._container.settings
         logger.info("draining: claiming nothing more; /ready answers 503")
-        # A send may be tried twice (a device logged out meanwhile: again as the user), then its
-        # outcome written.
-        timeout = 2 * settings.homeserver_timeout_seconds + 5
+        timeout = shutdown_seconds(settings)
         try:
             done = await self._container.replay.drain(timeout)
         except Exception:

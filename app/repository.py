@@ -6,6 +6,7 @@ inside the caller's transaction and never commit: the caller's unit of work does
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from sqlalchemy import and_, delete, func, insert, literal_column, select, text, update
@@ -191,12 +192,12 @@ async def cancel_by_newer_state(
     room_id: str,
     event_type: str,
     state_key: str,
-    sender: str,
+    senders: Collection[str],
     now: int,
     error: str,
 ) -> list[str]:
     """Cancel other users' pending delayed state events for a (room, type, state_key) that was
-    just set by `sender`; the sender's own are left alone."""
+    just set by one of `senders`; their own are left alone."""
     result = await conn.execute(
         update(delayed_event)
         .where(
@@ -204,7 +205,7 @@ async def cancel_by_newer_state(
             T.room_id == room_id,
             T.event_type == event_type,
             T.state_key == state_key,
-            T.user_id != sender,
+            T.user_id.not_in(list(senders)),
             _not_in_flight(),
         )
         .values(

@@ -4,7 +4,7 @@ errors of `app.domain`; the API decides how they look. Lookups are `app.lookups`
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -270,10 +270,18 @@ class DelayedEventService:
     # Newer state -------------------------------------------------------------------------------
 
     async def note_state_set(
-        self, *, room_id: str, event_type: str, state_key: str, sender: str
+        self,
+        *,
+        room_id: str,
+        event_type: str,
+        state_key: str,
+        sender: str,
+        acting_as: Collection[str] = (),
     ) -> None:
         """A state event passed through to the homeserver: cancel other users' delayed state for
-        the same key, when the rule is on."""
+        the same key, when the rule is on. `sender` owns the request's token; `acting_as` are the
+        users it may have been sent as instead (an application service's `user_id`): none of
+        their own delayed state is cancelled."""
         if not self.settings.cancel_on_newer_state:
             return
         error = NEWER_STATE_ERROR
@@ -283,7 +291,7 @@ class DelayedEventService:
                 room_id=room_id,
                 event_type=event_type,
                 state_key=state_key,
-                sender=sender,
+                senders={sender, *acting_as},
                 now=self.clock.now_ms(),
                 error=error,
             )

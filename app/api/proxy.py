@@ -64,9 +64,19 @@ async def _note_state(request: Request, c: Container, state: tuple[str, str, str
             event_type=rq.event_type(kind),
             state_key=rq.path_segment(key or "", "state key"),
             sender=requester.user_id,
+            acting_as=_acting_as(request),
         )
     except MatrixError:
         logger.info("could not apply the newer-state rule to a passed-through state event")
+
+
+def _acting_as(request: Request) -> frozenset[str]:
+    """The users the request named with `user_id`, read as the homeserver reads the query. With
+    an application service's token the homeserver sends the event as that user (having checked
+    the service may act as them); with a user's own token it ignores the parameter and the
+    sender is the token's owner. Which of the two the homeserver did is not in its answer, so
+    both count as the sender: neither one's own delayed state is cancelled."""
+    return frozenset(value for name, value, _ in rq.query_pairs(request) if name == "user_id")
 
 
 async def _merged(request: Request, add: Any) -> Response:

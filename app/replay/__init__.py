@@ -19,6 +19,8 @@ from app.replay.engine import (
     Lost,
     NewerState,
     ReplayEngine,
+    longest_attempt_seconds,
+    request_deadline_seconds,
     txn_id_for,
 )
 from app.replay.order import next_group, side_by_side
@@ -50,7 +52,9 @@ __all__ = [
     "WakeUp",
     "count_sent",
     "log_id",
+    "longest_attempt_seconds",
     "next_group",
+    "request_deadline_seconds",
     "side_by_side",
     "token_context",
     "txn_id_for",

@@ -54,6 +54,20 @@ class Lost:
 Attempt = ReplayResult | NewerState | Lost
 
 
+def request_deadline_seconds(settings: Settings) -> float:
+    """The longest one request to the homeserver may take as a whole. httpx's timeout bounds
+    each wait (to connect, to write, for the next bytes), so an answer that trickles in would
+    keep a request, its slot and its renewed claim for ever; three of those waits is as long as
+    an honest request can take."""
+    return 3 * settings.homeserver_timeout_seconds
+
+
+def longest_attempt_seconds(settings: Settings) -> float:
+    """The longest one `ReplayEngine.attempt` may take at the homeserver: its newer-state check,
+    its send, and the send again as the user when the device was logged out meanwhile."""
+    return 3 * request_deadline_seconds(settings)
+
+
 class ReplayEngine:
     def __init__(
         self,
@@ -68,11 +82,7 @@ class ReplayEngine:
         self._clock = clock
         self._settings = settings
         self._wakeup = wakeup
-        # The longest one request to the homeserver may take as a whole. httpx's timeout bounds
-        # each wait (to connect, to write, for the next bytes), so an answer that trickles in
-        # would keep a request, its slot and its renewed claim for ever; three of those waits
-        # is as long as an honest request can take.
-        self._request_deadline = 3 * settings.homeserver_timeout_seconds
+        self._request_deadline = request_deadline_seconds(settings)
         # Requests at the homeserver at once, over every room (one request holds one slot, and
         # nothing holding a slot waits for another).
         self._slots = asyncio.Semaphore(settings.replay_concurrency)

@@ -5,7 +5,7 @@ token is kept and a replay acts through the service's token."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -30,8 +30,10 @@ class SealedToken:
 
     user_id: str
     device_id: str | None
-    token: bytes
-    digest: bytes
+    # Neither in a log line or a traceback: the ciphertext opens with a key, the digest names
+    # the token.
+    token: bytes = field(repr=False)
+    digest: bytes = field(repr=False)
 
 
 class Credentials:

@@ -10,6 +10,7 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import text
 
+from tests.integration.common import enc, get_event, schedule_state, state_path
 from tests.support.fakes import FakeClock, FakeHomeserver
 
 AS_TOKEN = "as_token_secret"
@@ -149,3 +150,78 @@ async def test_a_stored_query_cannot_name_who_the_replay_acts_as(
     assert "ts" not in put.url.params
     state = appservice_homeserver.state[("!room:test", "m.call.member", "_@alice:test_ALICEDEV")]
     assert state["sender"] == "@alice:test"
+
+
+# Newer state set through an application service -------------------------------------------------
+#
+# A bridge sets state as one of its users (`?user_id=`) with its own token, passed through the
+# sidecar (a /state request without the delay parameter). The homeserver records the named user as
+# the sender; whoami of the bridge's token names the bridge's own user.
+
+BRIDGE = "@bridge:test"
+
+
+def _whoami_of_the_bridge(homeserver: FakeHomeserver) -> None:
+    """whoami of the application service's token without `user_id`: its own user."""
+
+    def whoami(request: httpx.Request) -> httpx.Response:
+        if request.headers.get("authorization") == f"Bearer {AS_TOKEN}" and (
+            "user_id" not in request.url.params
+        ):
+            return httpx.Response(200, json={"user_id": BRIDGE})
+        homeserver.whoami_override = None
+        try:
+            return homeserver.handle(request)
+        finally:
+            homeserver.whoami_override = whoami
+
+    homeserver.whoami_override = whoami
+
+
+async def _set_state_through(
+    client: httpx.AsyncClient, key: str, query: str, token: str
+) -> httpx.Response:
+    r = await client.put(
+        state_path(enc(key)) + query,  # no delay: passed through
+        json={"set": "now"},
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert r.status_code == 200, r.text
+    return r
+
+
+async def test_state_set_as_the_user_through_a_bridge_does_not_cancel_their_own_delayed_state(
+    client: httpx.AsyncClient, appservice_homeserver: FakeHomeserver
+) -> None:
+    delay_id = await schedule_state(client, 60_000, key="k")
+    _whoami_of_the_bridge(appservice_homeserver)
+    # The parameter's name percent-encoded, as the homeserver still reads it.
+    await _set_state_through(client, "k", "?user%5Fid=%40alice%3Atest", AS_TOKEN)
+    assert appservice_homeserver.state[("!room:test", "m.call.member", "k")]["sender"] == (
+        "@alice:test"
+    )
+    assert "outcome" not in await get_event(client, delay_id)  # still scheduled
+
+
+async def test_state_set_as_another_user_through_a_bridge_cancels_the_delayed_state(
+    client: httpx.AsyncClient, appservice_homeserver: FakeHomeserver
+) -> None:
+    delay_id = await schedule_state(client, 60_000, key="k")
+    _whoami_of_the_bridge(appservice_homeserver)
+    await _set_state_through(client, "k", "?user_id=%40bob%3Atest", AS_TOKEN)
+    item = await get_event(client, delay_id)
+    assert item["outcome"] == "cancel", item
+    assert item["error"]["errcode"] == "M_CANCELLED_BY_STATE_UPDATE", item
+
+
+async def test_a_user_id_the_homeserver_ignores_does_not_cancel_the_senders_own_delayed_state(
+    client: httpx.AsyncClient, appservice_homeserver: FakeHomeserver
+) -> None:
+    """With a user's own token the homeserver ignores `user_id`: the sender is the token's owner,
+    whatever the query names."""
+    delay_id = await schedule_state(client, 60_000, key="k")
+    await _set_state_through(client, "k", "?user_id=%40bob%3Atest", "alice_token")
+    assert appservice_homeserver.state[("!room:test", "m.call.member", "k")]["sender"] == (
+        "@alice:test"
+    )
+    assert "outcome" not in await get_event(client, delay_id)

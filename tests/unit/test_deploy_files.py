@@ -11,6 +11,7 @@ it broken copies and see it complain.
 from __future__ import annotations
 
 import copy
+import math
 import re
 import shutil
 import subprocess
@@ -22,6 +23,7 @@ import pytest
 import yaml
 from devstack.stack import Ports
 
+from app.main import shutdown_seconds
 from app.settings import ENV_PREFIX, SECRET_SETTINGS, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -169,7 +171,20 @@ def compose_structure_problems(compose: dict[str, Any]) -> list[str]:
         problems.append("the migrate service must run the image's `migrate` command")
     if (services.get("sidecar") or {}).get("command", ["serve"]) != ["serve"]:
         problems.append("the sidecar service must run `serve`")
+    grace = compose_seconds((services.get("sidecar") or {}).get("stop_grace_period", "10s"))
+    if grace < drain_bound():
+        problems.append(f"the sidecar's stop_grace_period {grace} s cuts a drain short")
     return problems
+
+
+def compose_seconds(duration: Any) -> float:
+    """A compose duration (`90s`, `2m5s`, `1m30.5s`) in seconds."""
+    text = str(duration)
+    parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?", text)
+    assert text, "an empty compose duration"
+    assert parts is not None, f"not a compose duration: {text!r}"
+    hours, minutes, seconds = parts.groups()
+    return int(hours or 0) * 3600 + int(minutes or 0) * 60 + float(seconds or 0)
 
 
 def mount_problems(compose: dict[str, Any], root: Path) -> list[str]:
@@ -467,6 +482,10 @@ COMPOSE_BREAKAGES = {
         sidecar_env_problems,
         lambda s: s["postgres"]["environment"].update(POSTGRES_DB="other"),
     ),
+    "docker's default stop grace": (
+        compose_structure_problems,
+        lambda s: s["sidecar"].pop("stop_grace_period"),
+    ),
 }
 
 
@@ -692,11 +711,11 @@ def env_problems(where: str, container: dict[str, Any], needed: set[str]) -> lis
 
 
 def drain_bound() -> float:
-    """The longest a drain takes with the default settings (docs/reliability.md, "Drain"), and 5 s
-    to spare before the process is killed."""
-    fields = Settings.model_fields
-    timeout = fields["homeserver_timeout_seconds"].default
-    return float(fields["drain_seconds"].default + 2 * timeout + 5 + 5)
+    """The longest a stop takes with the default settings (docs/reliability.md, "Drain"): serving
+    on for SIDECAR_DRAIN_SECONDS, then the shutdown budget (the drain and the requests still
+    open, side by side), and 5 s to spare before the process is killed."""
+    defaults = Settings.model_construct()
+    return float(defaults.drain_seconds + math.ceil(shutdown_seconds(defaults)) + 5)
 
 
 def kubernetes_problems(docs: list[dict[str, Any]]) -> list[str]:
@@ -719,8 +738,7 @@ def kubernetes_problems(docs: list[dict[str, Any]]) -> list[str]:
         got = (container.get(probe) or {}).get("httpGet") or {}
         if got.get("path") != path or got.get("port") not in ("http", SIDECAR_PORT):
             problems.append(f"{probe} should GET {path} on the sidecar's port, has {got}")
-    # A drain: the pre-stop pause, the drain's own serving time, then at most twice the slowest
-    # homeserver request (a newer-state check and its send) and the outcome write.
+    # A stop: the pre-stop pause, then the drain (`drain_bound`).
     pause = (container.get("lifecycle") or {}).get("preStop", {}).get("exec", {}).get("command")
     paused = int(pause[-1]) if pause and pause[0] == "sleep" else 0
     need = paused + drain_bound()
