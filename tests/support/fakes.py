@@ -121,15 +121,19 @@ class FakeHomeserver:
                 return httpx.Response(200, json=self.state[key])
             if kind == "state" and request.method == "PUT":
                 key = (room, unquote(parts[7]), unquote(parts[8]) if len(parts) > 8 else "")
-                event = self._event(user, room, key[1], json.loads(request.content), key[2])
+                content = _json_body(request)
+                if content is None:
+                    return _error(400, "M_NOT_JSON", "Content not JSON.")
+                event = self._event(user, room, key[1], content, key[2])
                 self.state[key] = event
                 return httpx.Response(200, json={"event_id": event["event_id"]})
             if kind == "send" and request.method == "PUT":
                 txn = (user.device_id or "", raw_path, "")
+                content = _json_body(request)
+                if content is None:
+                    return _error(400, "M_NOT_JSON", "Content not JSON.")
                 if txn not in self.messages:
-                    self.messages[txn] = self._event(
-                        user, room, unquote(parts[7]), json.loads(request.content)
-                    )
+                    self.messages[txn] = self._event(user, room, unquote(parts[7]), content)
                 return httpx.Response(200, json={"event_id": self.messages[txn]["event_id"]})
         return _error(404, "M_UNRECOGNIZED", "Unrecognized request")
 
@@ -161,3 +165,12 @@ class _UnknownDevice(Exception):
 
 def _error(status: int, errcode: str, message: str, **extra: Any) -> httpx.Response:
     return httpx.Response(status, json={"errcode": errcode, "error": message, **extra})
+
+
+def _json_body(request: httpx.Request) -> Any:
+    """The body as JSON, or None where a homeserver refuses it (not JSON, or nested deeper than
+    its parser goes)."""
+    try:
+        return json.loads(request.content)
+    except (ValueError, RecursionError):
+        return None
