@@ -62,6 +62,7 @@ class DatabaseSettings(BaseSettings):
 
     database_url: str = Field(
         description="PostgreSQL URL, e.g. postgresql://user:pass@host:5432/db",
+        repr=False,  # it may carry the password
     )
 
     @classmethod
@@ -92,6 +93,7 @@ class Settings(DatabaseSettings):
     )
     token_keys: Annotated[list[bytes], NoDecode] = Field(
         description="Comma-separated base64 32-byte keys for tokens at rest; the first encrypts",
+        repr=False,
     )
     listen_host: str = "127.0.0.1"
     listen_port: int = Field(default=8009, ge=1, le=65535)
