@@ -1,7 +1,11 @@
 """The heartbeat's own path. MatrixRTC restarts every participant's delayed leave every few
 seconds, so `POST …/delayed_events/{delay_id}/restart` is answered here, ahead of the framework's
 routing, validation and serialisation, through the very same rules as the routed endpoint
-(`manage._act`). The routed endpoint stays declared for the API description."""
+(`manage._act`). The routed endpoint stays declared for the API description.
+
+A call without a token on an id the sidecar never issued (`app.delay_ids`) is refused here
+before anything else is done for it: such calls are what a flood of guessed ids is made of, and
+they share the event loop with everyone's heartbeat."""
 
 from __future__ import annotations
 
@@ -11,9 +15,11 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app import metrics
+from app.api.deps import Container
 from app.api.errors import send_error, send_json
 from app.api.manage import split_action
-from app.errors import MatrixError
+from app.delay_ids import Kind
+from app.errors import MatrixError, NotFound
 from app.service import Action
 
 _RESTART = re.compile(
@@ -25,6 +31,33 @@ _TEMPLATES = {
     True: "/_matrix/client/v1/delayed_events/{delay_id}/restart",
     False: "/_matrix/client/unstable/org.matrix.msc4140/delayed_events/{delay_id}/restart",
 }
+
+
+# A delay_id as the sidecar issues them (and no longer than the routes accept): nothing to decode.
+_PLAIN_ID = re.compile(r"[A-Za-z0-9_-]{1,255}")
+
+
+def _never_issued(scope: Scope, delay_id: str) -> bool:
+    """Whether this is a call without a token on an id the sidecar cannot have issued, which the
+    full path would refuse 404 too, whatever its body: no query string (no `access_token`), no
+    `Authorization` header, and a declared body within the limit (a larger one is refused 413
+    first, and a body of unknown length is left to the full path)."""
+    if scope.get("query_string") or not _PLAIN_ID.fullmatch(delay_id):
+        return False
+    container: Container = scope["app"].state.container
+    declared = None
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            return False
+        if name == b"content-length":
+            declared = value
+    if (
+        declared is None
+        or not declared.isdigit()
+        or int(declared) > container.settings.max_body_bytes
+    ):
+        return False
+    return container.service.delay_ids.kind(delay_id) is Kind.FORGED
 
 
 class HeartbeatMiddleware:
@@ -40,6 +73,12 @@ class HeartbeatMiddleware:
             await self.app(scope, receive, send)
             return
         scope[metrics.ROUTE_TEMPLATE] = _TEMPLATES[match["v1"] is not None]
+        if match["v1"] is None and _never_issued(scope, match["delay_id"]):
+            # Answered as the service answers it, without the body, the framework's request,
+            # the limits or the database: a flood of made-up ids costs as little as it can.
+            metrics.RESTARTED.labels("A", "refused").inc()
+            await send_error(send, NotFound("Delayed event not found"))
+            return
         request = Request(scope, receive)
         try:
             await split_action(
