@@ -6,11 +6,15 @@ tokens (bench/loadgen.py) at a fixed rate, measured alone and then beside
 - `flood`: tokenless restarts of random delay_ids at a high rate (half of the tagged length, half
   of the untagged form ids had before they carried a tag).
 
-Needs no homeserver or nginx: a throwaway PostgreSQL, a stub homeserver that answers whoami, and
+Needs no homeserver: a throwaway PostgreSQL, a stub homeserver that answers whoami, and
 `python -m app serve` from this checkout (or `--sidecar-dir`, another checkout using this venv).
-Prints one JSON object: each phase's heartbeat percentiles (ms) and its p99 over the alone run's.
+With `--via-nginx`, every phase runs again through nginx in front of the same sidecar (the local
+stack's configuration, which includes deploy/nginx/ unchanged): the operator's path.
+Prints one JSON object: each phase's heartbeat percentiles (ms) and its p99 over the alone run's
+(through nginx: under `via_nginx`, over the alone run through nginx).
 
     PYTHONPATH=bench:scripts .venv/bin/python bench/contention.py lookup flood --duration 15
+    PYTHONPATH=bench:scripts .venv/bin/python bench/contention.py lookup flood --via-nginx
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 PYTHON = REPO / ".venv" / "bin" / "python"
 sys.path.insert(0, str(REPO / "scripts"))
 
+from devstack import nginx, procs  # noqa: E402
 from devstack.postgres import start_throwaway  # noqa: E402
 
 UNSTABLE = "/_matrix/client/unstable/org.matrix.msc4140"
@@ -265,15 +270,16 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 "rate": args.rate,
                 "duration_s": args.duration,
             }
-            phases = ["alone"] + [p for p in ("lookup", "history", "flood") if p in args.beside]
-            for name in phases:
-                results[name] = await phase(
-                    name, port, args, targets, flood if name == "flood" else None
-                )
-            alone = results["alone"]["heartbeat"]["latency_ms"]["99"]
-            for name in phases[1:]:
-                p99 = results[name]["heartbeat"]["latency_ms"]["99"]
-                results[name]["p99_over_alone"] = p99 / alone if alone else None
+            results.update(await phases(port, args, targets, flood))
+            if args.via_nginx:
+                config = nginx.render(out / "nginx", free_port(), hs_port, port)
+                proxy = nginx.start(config)
+                try:
+                    await wait_http(config.url + "/_matrix/client/versions")
+                    results["via_nginx"] = await phases(config.listen_port, args, targets, flood)
+                finally:
+                    procs.stop(proxy.pid, nginx.MARKER)
+                    proxy.wait(timeout=30)
             return results
         finally:
             for proc in processes:
@@ -281,6 +287,19 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             for proc in processes:
                 proc.wait(timeout=30)
             server.stop()
+
+
+async def phases(port: int, args: argparse.Namespace, targets: Path, flood: Path) -> dict[str, Any]:
+    """The heartbeat alone, then beside each load asked for, all sent to `port`."""
+    results: dict[str, Any] = {}
+    names = ["alone"] + [p for p in ("lookup", "history", "flood") if p in args.beside]
+    for name in names:
+        results[name] = await phase(name, port, args, targets, flood if name == "flood" else None)
+    alone = results["alone"]["heartbeat"]["latency_ms"]["99"]
+    for name in names[1:]:
+        p99 = results[name]["heartbeat"]["latency_ms"]["99"]
+        results[name]["p99_over_alone"] = p99 / alone if alone else None
+    return results
 
 
 if __name__ == "__main__":
@@ -293,4 +312,9 @@ if __name__ == "__main__":
     parser.add_argument("--flood-rate", type=float, default=5000.0)
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per phase")
     parser.add_argument("--sidecar-dir", type=Path, default=REPO)
+    parser.add_argument(
+        "--via-nginx",
+        action="store_true",
+        help="then every phase again through nginx (deploy/nginx/, as the local stack runs it)",
+    )
     print(json.dumps(asyncio.run(main(parser.parse_args())), indent=1))
