@@ -24,6 +24,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 import secrets
 import socket
 import subprocess
@@ -280,6 +281,13 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 finally:
                     procs.stop(proxy.pid, nginx.MARKER)
                     proxy.wait(timeout=30)
+                # What nginx had to say (e.g. answers spilled to temporary files), by kind.
+                said: dict[str, int] = {}
+                for line in config.error_log.read_text(errors="replace").splitlines():
+                    kind = re.sub(r"^\d+#\d+: (\*\d+ )?", "", line.partition("] ")[2])
+                    kind = kind.split(",")[0][:80]
+                    said[kind] = said.get(kind, 0) + 1
+                results["via_nginx"]["error_log"] = said
             return results
         finally:
             for proc in processes:

@@ -211,3 +211,19 @@ def test_calls_to_the_homeserver_are_not_limited(proxy: Proxy) -> None:
         client.close()
     assert answer.status == 200
     assert proxy.recorder.take()[-1][0] == "homeserver"
+
+
+def test_refusals_are_left_out_of_the_access_log(proxy: Proxy) -> None:
+    # A flood would otherwise write a line per refused call; the calls that went through stay.
+    client = Client(proxy)
+    try:
+        passed, refused = until_refused(client, 5_000)
+        assert refused is not None
+        for _ in range(20):
+            client.send("POST", restart())
+    finally:
+        client.close()
+    log = (proxy.config.prefix / "access.log").read_text().splitlines()
+    restarts = [line for line in log if "/restart HTTP/1.1" in line]
+    assert [line for line in restarts if '" 429 ' in line] == []
+    assert len([line for line in restarts if '" 200 ' in line]) == passed
