@@ -11,10 +11,11 @@ Needs no homeserver: a throwaway PostgreSQL, a stub homeserver that answers whoa
 With `--via-nginx`, every phase runs again through nginx in front of the same sidecar (the local
 stack's configuration, which includes deploy/nginx/ unchanged): the operator's path.
 Prints one JSON object: each phase's heartbeat percentiles (ms) and its p99 over the alone run's
-(through nginx: under `via_nginx`, over the alone run through nginx).
+(through nginx: under `via_nginx`, over the alone run through nginx). With `--repeats N` the
+phases run N rounds, interleaved, and each figure is the round with the median p99.
 
     PYTHONPATH=bench:scripts .venv/bin/python bench/contention.py lookup flood --duration 15
-    PYTHONPATH=bench:scripts .venv/bin/python bench/contention.py lookup flood --via-nginx
+    PYTHONPATH=bench:scripts .venv/bin/python bench/contention.py lookup flood --via-nginx -r 3
 """
 
 from __future__ import annotations
@@ -271,16 +272,22 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 "rate": args.rate,
                 "duration_s": args.duration,
             }
-            results.update(await phases(port, args, targets, flood))
+            proxy = None
+            ports = {"direct": port}
             if args.via_nginx:
                 config = nginx.render(out / "nginx", free_port(), hs_port, port)
                 proxy = nginx.start(config)
-                try:
-                    await wait_http(config.url + "/_matrix/client/versions")
-                    results["via_nginx"] = await phases(config.listen_port, args, targets, flood)
-                finally:
+                await wait_http(config.url + "/_matrix/client/versions")
+                ports["via_nginx"] = config.listen_port
+            try:
+                measured = await phases(ports, args, targets, flood)
+            finally:
+                if proxy is not None:
                     procs.stop(proxy.pid, nginx.MARKER)
                     proxy.wait(timeout=30)
+            results.update(measured.pop("direct"))
+            results.update(measured)
+            if args.via_nginx:
                 # What nginx had to say (e.g. answers spilled to temporary files), by kind.
                 said: dict[str, int] = {}
                 for line in config.error_log.read_text(errors="replace").splitlines():
@@ -297,17 +304,33 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             server.stop()
 
 
-async def phases(port: int, args: argparse.Namespace, targets: Path, flood: Path) -> dict[str, Any]:
-    """The heartbeat alone, then beside each load asked for, all sent to `port`."""
-    results: dict[str, Any] = {}
+async def phases(
+    ports: dict[str, int], args: argparse.Namespace, targets: Path, flood: Path
+) -> dict[str, Any]:
+    """The heartbeat alone, then beside each load asked for, on each path (`ports`: direct, and
+    through nginx), `--repeats` times interleaved (alone, beside…, alone, beside…, path by path
+    within each round) so that a noisy neighbour slows every phase alike. Each phase's result is
+    its repeat with the median heartbeat p99, with every repeat's p99 beside it."""
     names = ["alone"] + [p for p in ("lookup", "history", "flood") if p in args.beside]
-    for name in names:
-        results[name] = await phase(name, port, args, targets, flood if name == "flood" else None)
-    alone = results["alone"]["heartbeat"]["latency_ms"]["99"]
-    for name in names[1:]:
-        p99 = results[name]["heartbeat"]["latency_ms"]["99"]
-        results[name]["p99_over_alone"] = p99 / alone if alone else None
-    return results
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {path: {} for path in ports}
+    for _ in range(args.repeats):
+        for path, port in ports.items():
+            for name in names:
+                result = await phase(name, port, args, targets, flood if name == "flood" else None)
+                runs[path].setdefault(name, []).append(result)
+    measured: dict[str, Any] = {}
+    for path in ports:
+        results: dict[str, Any] = {}
+        for name in names:
+            repeats = sorted(runs[path][name], key=lambda r: r["heartbeat"]["latency_ms"]["99"])
+            results[name] = repeats[len(repeats) // 2]
+            results[name]["p99_repeats"] = [r["heartbeat"]["latency_ms"]["99"] for r in repeats]
+        alone = results["alone"]["heartbeat"]["latency_ms"]["99"]
+        for name in names[1:]:
+            p99 = results[name]["heartbeat"]["latency_ms"]["99"]
+            results[name]["p99_over_alone"] = p99 / alone if alone else None
+        measured[path] = results
+    return measured
 
 
 if __name__ == "__main__":
@@ -320,6 +343,9 @@ if __name__ == "__main__":
     parser.add_argument("--flood-rate", type=float, default=5000.0)
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per phase")
     parser.add_argument("--sidecar-dir", type=Path, default=REPO)
+    parser.add_argument(
+        "-r", "--repeats", type=int, default=1, help="rounds of every phase, interleaved; medians"
+    )
     parser.add_argument(
         "--via-nginx",
         action="store_true",
