@@ -3,9 +3,10 @@ seconds, so `POST …/delayed_events/{delay_id}/restart` is answered here, ahead
 routing, validation and serialisation, through the very same rules as the routed endpoint
 (`manage._act`). The routed endpoint stays declared for the API description.
 
-A call without a token on an id the sidecar never issued (`app.delay_ids`) is refused here
-before anything else is done for it: such calls are what a flood of guessed ids is made of, and
-they share the event loop with everyone's heartbeat."""
+A call without a token on an id the sidecar never issued (`app.delay_ids`), or on an id of the
+untagged form while their shared budget is spent, is refused here before anything else is done
+for it: such calls are what a flood of guessed ids is made of, and they share the event loop with
+everyone's heartbeat."""
 
 from __future__ import annotations
 
@@ -37,27 +38,33 @@ _TEMPLATES = {
 _PLAIN_ID = re.compile(r"[A-Za-z0-9_-]{1,255}")
 
 
-def _never_issued(scope: Scope, delay_id: str) -> bool:
-    """Whether this is a call without a token on an id the sidecar cannot have issued, which the
-    full path would refuse 404 too, whatever its body: no query string (no `access_token`), no
-    `Authorization` header, and a declared body within the limit (a larger one is refused 413
-    first, and a body of unknown length is left to the full path)."""
+def _early_refusal(scope: Scope, delay_id: str) -> MatrixError | None:
+    """The answer the full path would give a call without a token that cannot be honoured,
+    whatever its body, found without the body, the framework's request, the limits or the
+    database, so that a flood of made-up ids costs as little as it can: 404 for an id the
+    sidecar cannot have issued, 429 for an id of the untagged form while their shared budget is
+    spent. None when the full path must judge: a query string (it may carry `access_token`), an
+    `Authorization` header, or a body of unknown length or over the limit (refused 413 first)."""
     if scope.get("query_string") or not _PLAIN_ID.fullmatch(delay_id):
-        return False
+        return None
     container: Container = scope["app"].state.container
     declared = None
     for name, value in scope["headers"]:
         if name == b"authorization":
-            return False
+            return None
         if name == b"content-length":
             declared = value
-    if (
-        declared is None
-        or not declared.isdigit()
-        or int(declared) > container.settings.max_body_bytes
-    ):
-        return False
-    return container.service.delay_ids.kind(delay_id) is Kind.FORGED
+    if declared is None or not declared.isdigit():
+        return None
+    if int(declared) > container.settings.max_body_bytes:
+        return None
+    kind = container.service.delay_ids.kind(delay_id)
+    if kind is Kind.FORGED:
+        metrics.RESTARTED.labels("A", "refused").inc()  # as the service counts it
+        return NotFound("Delayed event not found")
+    if kind is Kind.UNTAGGED:
+        return container.limits.untagged_refusal()
+    return None
 
 
 class HeartbeatMiddleware:
@@ -73,11 +80,9 @@ class HeartbeatMiddleware:
             await self.app(scope, receive, send)
             return
         scope[metrics.ROUTE_TEMPLATE] = _TEMPLATES[match["v1"] is not None]
-        if match["v1"] is None and _never_issued(scope, match["delay_id"]):
-            # Answered as the service answers it, without the body, the framework's request,
-            # the limits or the database: a flood of made-up ids costs as little as it can.
-            metrics.RESTARTED.labels("A", "refused").inc()
-            await send_error(send, NotFound("Delayed event not found"))
+        refusal = _early_refusal(scope, match["delay_id"]) if match["v1"] is None else None
+        if refusal is not None:
+            await send_error(send, refusal)
             return
         request = Request(scope, receive)
         try:

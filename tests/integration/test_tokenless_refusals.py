@@ -9,11 +9,19 @@ import secrets
 from typing import Any
 
 import httpx
+import pytest
 from fastapi import FastAPI
 from starlette.types import Message
 
 from app.delay_ids import DelayIds
 from tests.integration.common import UNSTABLE, act, assert_error, schedule_message
+
+TIGHT_UNTAGGED = {"ratelimit_untagged_per_second": 1.0, "ratelimit_untagged_burst": 2}
+
+
+@pytest.fixture
+def settings_overrides(request: pytest.FixtureRequest) -> dict[str, Any]:
+    return getattr(request, "param", {})
 
 
 def restart_scope(app: FastAPI, delay_id: str, headers: list[tuple[bytes, bytes]]) -> Any:
@@ -93,3 +101,20 @@ async def test_a_flood_of_untagged_ids_lets_few_lookups_through_at_once(
     assert set(looked_up) <= {404}
     assert 1 <= len(looked_up) <= 10
     assert (await act(client, real, "restart")).status_code == 200
+
+
+@pytest.mark.parametrize("settings_overrides", [TIGHT_UNTAGGED], indirect=True)
+async def test_a_spent_untagged_budget_refuses_before_the_body_is_read(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    for _ in range(2):
+        assert (await act(client, secrets.token_urlsafe(18), "restart")).status_code == 404
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"2")]
+    status, names, body, asked = await call_without_body(app, secrets.token_urlsafe(18), headers)
+    assert (status, body["errcode"]) == (429, "M_LIMIT_EXCEEDED")
+    assert not asked
+    assert names["retry-after"] == "1"
+    # The same answer as the routed form gives.
+    routed = await act(client, secrets.token_urlsafe(18), "restart", body_form=True)
+    assert_error(routed, 429, "M_LIMIT_EXCEEDED")
+    assert body == routed.json()
