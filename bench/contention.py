@@ -207,6 +207,26 @@ async def page_forever(
                     break
 
 
+# Processes whose CPU time each phase reports (with their children: nginx's workers).
+WATCHED: dict[str, int] = {}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of `pid` and its direct children, from /proc."""
+    total = 0.0
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    for each in [pid, *map(int, children)]:
+        try:
+            fields = Path(f"/proc/{each}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 async def phase(
     name: str, port: int, args: argparse.Namespace, targets: Path, flood: Path | None
 ) -> dict[str, Any]:
@@ -219,8 +239,16 @@ async def phase(
         await asyncio.sleep(1)  # the pager is under way before the heartbeat starts
     flooder = loadgen(port, flood, args.flood_rate, args.duration + 1) if flood else None
     heartbeat = loadgen(port, targets, args.rate, args.duration)
+    cpu_before, started = {n: cpu_seconds(pid) for n, pid in WATCHED.items()}, time.monotonic()
     out, _ = await asyncio.to_thread(heartbeat.communicate)
+    wall = time.monotonic() - started
     result: dict[str, Any] = {"heartbeat": json.loads(out)}
+    # The share of one core each process of ours used while the heartbeat ran, and the machine's
+    # load: how much of the phase's time went to the flood's handling, and how busy the box was.
+    result["cpu_share"] = {
+        n: (cpu_seconds(pid) - cpu_before[n]) / wall for n, pid in WATCHED.items()
+    }
+    result["loadavg_1m"] = os.getloadavg()[0]
     if flooder is not None:
         flood_out, _ = await asyncio.to_thread(flooder.communicate)
         flooded = json.loads(flood_out)
@@ -264,6 +292,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             processes.append(
                 subprocess.Popen([str(PYTHON), "-m", "app", "serve"], cwd=sidecar_dir, env=env)
             )
+            WATCHED["sidecar"] = processes[-1].pid
             await wait_http(f"http://127.0.0.1:{port}/health")
             targets = await seed(f"http://127.0.0.1:{port}", database_url, out)
             flood = flood_targets(out)
@@ -277,6 +306,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             if args.via_nginx:
                 config = nginx.render(out / "nginx", free_port(), hs_port, port)
                 proxy = nginx.start(config)
+                WATCHED["nginx"] = proxy.pid
                 await wait_http(config.url + "/_matrix/client/versions")
                 ports["via_nginx"] = config.listen_port
             try:
