@@ -227,6 +227,20 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+async def settle(limit_s: float = 60.0) -> float:
+    """Wait until the sidecar is idle (under 5 % of a core over half a second), so that no phase
+    starts while it still works off the one before (a direct flood leaves requests behind it);
+    how long that took."""
+    started = time.monotonic()
+    pid = WATCHED["sidecar"]
+    while time.monotonic() - started < limit_s:
+        before = cpu_seconds(pid)
+        await asyncio.sleep(0.5)
+        if cpu_seconds(pid) - before < 0.025:
+            break
+    return time.monotonic() - started
+
+
 async def phase(
     name: str, port: int, args: argparse.Namespace, targets: Path, flood: Path | None
 ) -> dict[str, Any]:
@@ -340,13 +354,16 @@ async def phases(
     """The heartbeat alone, then beside each load asked for, on each path (`ports`: direct, and
     through nginx), `--repeats` times interleaved (alone, beside…, alone, beside…, path by path
     within each round) so that a noisy neighbour slows every phase alike. Each phase's result is
-    its repeat with the median heartbeat p99, with every repeat's p99 beside it."""
+    its repeat with the median heartbeat p99, with every repeat's p99 beside it. Each phase
+    starts once the sidecar is idle again."""
     names = ["alone"] + [p for p in ("lookup", "history", "flood") if p in args.beside]
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {path: {} for path in ports}
     for _ in range(args.repeats):
         for path, port in ports.items():
             for name in names:
+                settled_s = await settle()
                 result = await phase(name, port, args, targets, flood if name == "flood" else None)
+                result["settled_s"] = settled_s
                 runs[path].setdefault(name, []).append(result)
     measured: dict[str, Any] = {}
     for path in ports:
