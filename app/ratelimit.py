@@ -47,6 +47,15 @@ class TokenBuckets:
             self._buckets.popitem(last=False)
         return wait
 
+    def seconds_until_free(self, key: str) -> float:
+        """How long until `key` has a token, taking none: 0 if it has one now."""
+        if self.rate <= 0:
+            return 0.0
+        now = self._now()
+        tokens, last = self._buckets.get(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+
 
 class RateLimits:
     def __init__(
@@ -75,13 +84,22 @@ class RateLimits:
             _check(self._untagged, "")
         _check(self._tokenless, delay_id)
 
+    def untagged_refusal(self) -> LimitExceeded | None:
+        """What `manage` would refuse a call without a token on an untagged delay_id with right
+        now because the shared budget is spent, spending nothing; None while it has room."""
+        wait = self._untagged.seconds_until_free("")
+        return _refusal(wait) if wait > 0 else None
+
 
 def _check(buckets: TokenBuckets, key: str) -> None:
     wait = buckets.wait_seconds(key)
     if wait > 0:
-        wait_ms = math.ceil(wait * 1000)
-        raise LimitExceeded(
-            "Too many requests",
-            extra={"retry_after_ms": wait_ms},
-            headers={"Retry-After": str(math.ceil(wait))},
-        )
+        raise _refusal(wait)
+
+
+def _refusal(wait: float) -> LimitExceeded:
+    return LimitExceeded(
+        "Too many requests",
+        extra={"retry_after_ms": math.ceil(wait * 1000)},
+        headers={"Retry-After": str(math.ceil(wait))},
+    )

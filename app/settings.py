@@ -138,9 +138,11 @@ class Settings(DatabaseSettings):
     ratelimit_manage_burst: int = Field(default=200, ge=1)
     ratelimit_tokenless_per_second: float = Field(default=2.0, ge=0)
     ratelimit_tokenless_burst: int = Field(default=20, ge=1)
-    # Shared by every call without a token on a delay_id issued before ids carried a tag.
+    # Shared by every call without a token on a delay_id issued before ids carried a tag. Each
+    # one that passes costs a database lookup, so the burst stays small: a flood of random ids
+    # of that form gets no more than a handful of lookups at once.
     ratelimit_untagged_per_second: float = Field(default=100.0, ge=0)
-    ratelimit_untagged_burst: int = Field(default=200, ge=1)
+    ratelimit_untagged_burst: int = Field(default=10, ge=1)
 
     # Application-service mode: replay as the user through the homeserver's application-service
     # API instead of with the user's own (possibly expired) access token.

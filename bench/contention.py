@@ -6,11 +6,16 @@ tokens (bench/loadgen.py) at a fixed rate, measured alone and then beside
 - `flood`: tokenless restarts of random delay_ids at a high rate (half of the tagged length, half
   of the untagged form ids had before they carried a tag).
 
-Needs no homeserver or nginx: a throwaway PostgreSQL, a stub homeserver that answers whoami, and
+Needs no homeserver: a throwaway PostgreSQL, a stub homeserver that answers whoami, and
 `python -m app serve` from this checkout (or `--sidecar-dir`, another checkout using this venv).
-Prints one JSON object: each phase's heartbeat percentiles (ms) and its p99 over the alone run's.
+With `--via-nginx`, every phase runs again through nginx in front of the same sidecar (the local
+stack's configuration, which includes deploy/nginx/ unchanged): the operator's path.
+Prints one JSON object: each phase's heartbeat percentiles (ms) and its p99 over the alone run's
+(through nginx: under `via_nginx`, over the alone run through nginx). With `--repeats N` the
+phases run N rounds, interleaved, and each figure is the round with the median p99.
 
     PYTHONPATH=bench:scripts .venv/bin/python bench/contention.py lookup flood --duration 15
+    PYTHONPATH=bench:scripts .venv/bin/python bench/contention.py lookup flood --via-nginx -r 3
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 import secrets
 import socket
 import subprocess
@@ -33,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 PYTHON = REPO / ".venv" / "bin" / "python"
 sys.path.insert(0, str(REPO / "scripts"))
 
+from devstack import nginx, procs  # noqa: E402
 from devstack.postgres import start_throwaway  # noqa: E402
 
 UNSTABLE = "/_matrix/client/unstable/org.matrix.msc4140"
@@ -200,6 +207,40 @@ async def page_forever(
                     break
 
 
+# Processes whose CPU time each phase reports (with their children: nginx's workers).
+WATCHED: dict[str, int] = {}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of `pid` and its direct children, from /proc."""
+    total = 0.0
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    for each in [pid, *map(int, children)]:
+        try:
+            fields = Path(f"/proc/{each}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+async def settle(limit_s: float = 60.0) -> float:
+    """Wait until the sidecar is idle (under 5 % of a core over half a second), so that no phase
+    starts while it still works off the one before (a direct flood leaves requests behind it);
+    how long that took."""
+    started = time.monotonic()
+    pid = WATCHED["sidecar"]
+    while time.monotonic() - started < limit_s:
+        before = cpu_seconds(pid)
+        await asyncio.sleep(0.5)
+        if cpu_seconds(pid) - before < 0.025:
+            break
+    return time.monotonic() - started
+
+
 async def phase(
     name: str, port: int, args: argparse.Namespace, targets: Path, flood: Path | None
 ) -> dict[str, Any]:
@@ -212,8 +253,16 @@ async def phase(
         await asyncio.sleep(1)  # the pager is under way before the heartbeat starts
     flooder = loadgen(port, flood, args.flood_rate, args.duration + 1) if flood else None
     heartbeat = loadgen(port, targets, args.rate, args.duration)
+    cpu_before, started = {n: cpu_seconds(pid) for n, pid in WATCHED.items()}, time.monotonic()
     out, _ = await asyncio.to_thread(heartbeat.communicate)
+    wall = time.monotonic() - started
     result: dict[str, Any] = {"heartbeat": json.loads(out)}
+    # The share of one core each process of ours used while the heartbeat ran, and the machine's
+    # load: how much of the phase's time went to the flood's handling, and how busy the box was.
+    result["cpu_share"] = {
+        n: (cpu_seconds(pid) - cpu_before[n]) / wall for n, pid in WATCHED.items()
+    }
+    result["loadavg_1m"] = os.getloadavg()[0]
     if flooder is not None:
         flood_out, _ = await asyncio.to_thread(flooder.communicate)
         flooded = json.loads(flood_out)
@@ -257,6 +306,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             processes.append(
                 subprocess.Popen([str(PYTHON), "-m", "app", "serve"], cwd=sidecar_dir, env=env)
             )
+            WATCHED["sidecar"] = processes[-1].pid
             await wait_http(f"http://127.0.0.1:{port}/health")
             targets = await seed(f"http://127.0.0.1:{port}", database_url, out)
             flood = flood_targets(out)
@@ -265,15 +315,30 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 "rate": args.rate,
                 "duration_s": args.duration,
             }
-            phases = ["alone"] + [p for p in ("lookup", "history", "flood") if p in args.beside]
-            for name in phases:
-                results[name] = await phase(
-                    name, port, args, targets, flood if name == "flood" else None
-                )
-            alone = results["alone"]["heartbeat"]["latency_ms"]["99"]
-            for name in phases[1:]:
-                p99 = results[name]["heartbeat"]["latency_ms"]["99"]
-                results[name]["p99_over_alone"] = p99 / alone if alone else None
+            proxy = None
+            ports = {"direct": port}
+            if args.via_nginx:
+                config = nginx.render(out / "nginx", free_port(), hs_port, port)
+                proxy = nginx.start(config)
+                WATCHED["nginx"] = proxy.pid
+                await wait_http(config.url + "/_matrix/client/versions")
+                ports["via_nginx"] = config.listen_port
+            try:
+                measured = await phases(ports, args, targets, flood)
+            finally:
+                if proxy is not None:
+                    procs.stop(proxy.pid, nginx.MARKER)
+                    proxy.wait(timeout=30)
+            results.update(measured.pop("direct"))
+            results.update(measured)
+            if args.via_nginx:
+                # What nginx had to say (e.g. answers spilled to temporary files), by kind.
+                said: dict[str, int] = {}
+                for line in config.error_log.read_text(errors="replace").splitlines():
+                    kind = re.sub(r"^\d+#\d+: (\*\d+ )?", "", line.partition("] ")[2])
+                    kind = kind.split(",")[0][:80]
+                    said[kind] = said.get(kind, 0) + 1
+                results["via_nginx"]["error_log"] = said
             return results
         finally:
             for proc in processes:
@@ -281,6 +346,38 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             for proc in processes:
                 proc.wait(timeout=30)
             server.stop()
+
+
+async def phases(
+    ports: dict[str, int], args: argparse.Namespace, targets: Path, flood: Path
+) -> dict[str, Any]:
+    """The heartbeat alone, then beside each load asked for, on each path (`ports`: direct, and
+    through nginx), `--repeats` times interleaved (alone, beside…, alone, beside…, path by path
+    within each round) so that a noisy neighbour slows every phase alike. Each phase's result is
+    its repeat with the median heartbeat p99, with every repeat's p99 beside it. Each phase
+    starts once the sidecar is idle again."""
+    names = ["alone"] + [p for p in ("lookup", "history", "flood") if p in args.beside]
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {path: {} for path in ports}
+    for _ in range(args.repeats):
+        for path, port in ports.items():
+            for name in names:
+                settled_s = await settle()
+                result = await phase(name, port, args, targets, flood if name == "flood" else None)
+                result["settled_s"] = settled_s
+                runs[path].setdefault(name, []).append(result)
+    measured: dict[str, Any] = {}
+    for path in ports:
+        results: dict[str, Any] = {}
+        for name in names:
+            repeats = sorted(runs[path][name], key=lambda r: r["heartbeat"]["latency_ms"]["99"])
+            results[name] = repeats[len(repeats) // 2]
+            results[name]["p99_repeats"] = [r["heartbeat"]["latency_ms"]["99"] for r in repeats]
+        alone = results["alone"]["heartbeat"]["latency_ms"]["99"]
+        for name in names[1:]:
+            p99 = results[name]["heartbeat"]["latency_ms"]["99"]
+            results[name]["p99_over_alone"] = p99 / alone if alone else None
+        measured[path] = results
+    return measured
 
 
 if __name__ == "__main__":
@@ -293,4 +390,12 @@ if __name__ == "__main__":
     parser.add_argument("--flood-rate", type=float, default=5000.0)
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per phase")
     parser.add_argument("--sidecar-dir", type=Path, default=REPO)
+    parser.add_argument(
+        "-r", "--repeats", type=int, default=1, help="rounds of every phase, interleaved; medians"
+    )
+    parser.add_argument(
+        "--via-nginx",
+        action="store_true",
+        help="then every phase again through nginx (deploy/nginx/, as the local stack runs it)",
+    )
     print(json.dumps(asyncio.run(main(parser.parse_args())), indent=1))

@@ -72,3 +72,39 @@ def test_tokenless_calls_are_limited_per_delay_id_not_per_caller() -> None:
     with pytest.raises(LimitExceeded):
         limits.manage(None, "delay0")
     limits.manage("@a:b", "delay0")  # a token uses the user's own bucket
+
+
+def test_seconds_until_free_takes_nothing() -> None:
+    clock = Clock()
+    buckets = TokenBuckets(rate=2, burst=1, now=clock)
+    assert [buckets.seconds_until_free("k") for _ in range(5)] == [0] * 5
+    assert buckets.wait_seconds("k") == 0
+    assert buckets.seconds_until_free("k") == pytest.approx(0.5)
+    assert buckets.seconds_until_free("k") == pytest.approx(0.5)
+    clock.t += 0.5
+    assert buckets.seconds_until_free("k") == 0
+    assert buckets.wait_seconds("k") == 0
+
+
+def test_the_untagged_refusal_matches_the_limit_and_spends_nothing() -> None:
+    clock = Clock()
+    limits = RateLimits(
+        schedule=TokenBuckets(rate=1, burst=1, now=clock),
+        manage=TokenBuckets(rate=1, burst=1, now=clock),
+        tokenless=TokenBuckets(rate=1, burst=5, now=clock),
+        untagged=TokenBuckets(rate=4, burst=2, now=clock),
+    )
+    assert limits.untagged_refusal() is None
+    limits.manage(None, "a", untagged=True)
+    limits.manage(None, "b", untagged=True)
+    refusal = limits.untagged_refusal()
+    assert refusal is not None
+    with pytest.raises(LimitExceeded) as raised:
+        limits.manage(None, "c", untagged=True)
+    assert (refusal.status, refusal.body(), refusal.headers) == (
+        raised.value.status,
+        raised.value.body(),
+        raised.value.headers,
+    )
+    clock.t += 0.25
+    assert limits.untagged_refusal() is None

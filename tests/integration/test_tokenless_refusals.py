@@ -1,0 +1,120 @@
+"""Tokenless restarts that cannot be honoured are refused as early and as cheaply as they can be:
+an id the sidecar never issued before its body is read, and a flood of ids of the form issued
+before ids carried a tag lets no more than a handful of database lookups through at once."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from starlette.types import Message
+
+from app.delay_ids import DelayIds
+from tests.integration.common import UNSTABLE, act, assert_error, schedule_message
+
+TIGHT_UNTAGGED = {"ratelimit_untagged_per_second": 1.0, "ratelimit_untagged_burst": 2}
+
+
+@pytest.fixture
+def settings_overrides(request: pytest.FixtureRequest) -> dict[str, Any]:
+    return getattr(request, "param", {})
+
+
+def restart_scope(app: FastAPI, delay_id: str, headers: list[tuple[bytes, bytes]]) -> Any:
+    path = f"{UNSTABLE}/delayed_events/{delay_id}/restart"
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"sidecar.test"), *headers],
+        "client": ("127.0.0.1", 5000),
+        "server": ("sidecar.test", 80),
+        "app": app,
+    }
+
+
+async def call_without_body(
+    app: FastAPI, delay_id: str, headers: list[tuple[bytes, bytes]]
+) -> tuple[int, dict[str, str], Any, bool]:
+    """One tokenless restart whose body never arrives: status, headers, body, and whether the
+    body was asked for."""
+    asked = False
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        nonlocal asked
+        asked = True
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app(restart_scope(app, delay_id, headers), receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    names = {k.decode(): v.decode() for k, v in start["headers"]}
+    return start["status"], names, json.loads(body), asked
+
+
+async def test_an_id_never_issued_is_refused_before_the_body_is_read(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    forged = DelayIds([secrets.token_bytes(32)]).new()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"2")]
+    status, names, body, asked = await call_without_body(app, forged, headers)
+    assert (status, body["errcode"]) == (404, "M_NOT_FOUND")
+    assert not asked
+    # The same answer as with a body (CORS included).
+    full = await act(client, forged, "restart")
+    assert_error(full, 404, "M_NOT_FOUND")
+    assert body == full.json()
+    assert names["access-control-allow-origin"] == full.headers["access-control-allow-origin"]
+
+
+async def test_an_oversized_body_is_still_refused_first(app: FastAPI) -> None:
+    forged = DelayIds([secrets.token_bytes(32)]).new()
+    too_large = str(10 * 1024 * 1024 * 1024).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", too_large)]
+    status, _, body, _ = await call_without_body(app, forged, headers)
+    assert (status, body["errcode"]) == (413, "M_TOO_LARGE")
+
+
+async def test_a_flood_of_untagged_ids_lets_few_lookups_through_at_once(
+    client: httpx.AsyncClient,
+) -> None:
+    real = await schedule_message(client, 60_000)
+    # 300 random ids of the untagged form, all at one instant (the clock does not move).
+    statuses = [
+        (await act(client, secrets.token_urlsafe(18), "restart")).status_code for _ in range(300)
+    ]
+    looked_up = [s for s in statuses if s != 429]
+    assert set(looked_up) <= {404}
+    assert 1 <= len(looked_up) <= 10
+    assert (await act(client, real, "restart")).status_code == 200
+
+
+@pytest.mark.parametrize("settings_overrides", [TIGHT_UNTAGGED], indirect=True)
+async def test_a_spent_untagged_budget_refuses_before_the_body_is_read(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    for _ in range(2):
+        assert (await act(client, secrets.token_urlsafe(18), "restart")).status_code == 404
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"2")]
+    status, names, body, asked = await call_without_body(app, secrets.token_urlsafe(18), headers)
+    assert (status, body["errcode"]) == (429, "M_LIMIT_EXCEEDED")
+    assert not asked
+    assert names["retry-after"] == "1"
+    # The same answer as the routed form gives.
+    routed = await act(client, secrets.token_urlsafe(18), "restart", body_form=True)
+    assert_error(routed, 429, "M_LIMIT_EXCEEDED")
+    assert body == routed.json()
