@@ -48,7 +48,6 @@ def _early_refusal(scope: Scope, delay_id: str) -> MatrixError | None:
     `Authorization` header, or a body of unknown length or over the limit (refused 413 first)."""
     if scope.get("query_string") or not _PLAIN_ID.fullmatch(delay_id):
         return None
-    container: Container = scope["app"].state.container
     declared = None
     for name, value in scope["headers"]:
         if name == b"authorization":
@@ -57,6 +56,7 @@ def _early_refusal(scope: Scope, delay_id: str) -> MatrixError | None:
             declared = value
     if declared is None or not declared.isdigit():
         return None
+    container: Container = scope["app"].state.container
     if int(declared) > container.settings.max_body_bytes:
         return None
     kind = container.service.delay_ids.kind(delay_id)
