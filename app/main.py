@@ -191,6 +191,7 @@ def create_app(
             if liveness is not None:
                 await liveness.stop()
             await container.homeserver.client.aclose()
+            await container.service.restarts.close()
             await container.engine.dispose()
 
     app = FastAPI(

@@ -33,7 +33,7 @@ from app.errors import (
 )
 from app.models import CANCELLED, FAILED, SCHEDULED, SENT, DelayedEvent, storable_text
 from app.replayer import NEWER_STATE_ERROR, Replayer, TakenOver, token_context
-from app.restarts import RestartBatcher, SealedToken
+from app.restarts import RecentSeals, RestartBatcher
 from app.settings import Settings
 
 
@@ -90,6 +90,7 @@ class DelayedEventService:
         self.settings = settings
         self._wake_at = wake_at
         self.restarts = RestartBatcher(engine, clock)
+        self._seals = RecentSeals(cipher)
         self.delay_ids = DelayIds(settings.token_keys)
         # With an application service to act as users, their access tokens are not needed.
         self._keeps_tokens = settings.appservice_token is None
@@ -256,10 +257,7 @@ class DelayedEventService:
         generation = "B" if v1 else "A"
         token = None
         if requester is not None and self._keeps_tokens:
-            sealed = self._sealed(requester, now)
-            token = SealedToken(
-                requester.user_id, requester.device_id, sealed["token"], sealed["digest"]
-            )
+            token = self._seals.seal(requester.user_id, requester.device_id, requester.token)
         if await self.restarts.restart(delay_id, owner, token):
             metrics.RESTARTED.labels(generation, "ok").inc()
             return

@@ -108,6 +108,7 @@ async def app(
     yield application
     container = application.state.container
     await container.homeserver.client.aclose()
+    await container.service.restarts.close()
     await container.engine.dispose()
 
 

@@ -32,4 +32,5 @@ async def app_and_client(
             yield app, client
     finally:
         await app.state.container.homeserver.client.aclose()
+        await app.state.container.service.restarts.close()
         await app.state.container.engine.dispose()
