@@ -239,6 +239,7 @@ def create_app(
                 await liveness.stop()
             await container.homeserver.client.aclose()
             await container.replay_homeserver.client.aclose()
+            await container.service.restarts.close()
             await container.engine.dispose()
 
     app = FastAPI(

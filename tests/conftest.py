@@ -109,6 +109,7 @@ async def app(
     container = application.state.container
     await container.homeserver.client.aclose()
     await container.replay_homeserver.client.aclose()
+    await container.service.restarts.close()
     await container.engine.dispose()
 
 

@@ -29,7 +29,7 @@ from app.replay.run import Run
 from app.replay.runner import ReplayRunner
 from app.replay.send_action import CancelledByNewerState, SendAction, TakenOver
 from app.replay.state_checks import StateChecks
-from app.replay.tokens import Credentials, SealedToken, token_context
+from app.replay.tokens import Credentials, RecentSeals, SealedToken, token_context
 from app.replay.wakeup import WakeUp
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "Attempt",
     "ClaimKeeper",
     "Credentials",
+    "RecentSeals",
     "Lost",
     "NewerState",
     "OutcomeWriter",

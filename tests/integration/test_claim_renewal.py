@@ -53,6 +53,7 @@ async def slow_app(
     holder.append(app)
     yield app, stolen
     await app.state.container.homeserver.client.aclose()
+    await app.state.container.service.restarts.close()
     await app.state.container.engine.dispose()
 
 

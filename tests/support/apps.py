@@ -33,4 +33,5 @@ async def app_and_client(
     finally:
         await app.state.container.homeserver.client.aclose()
         await app.state.container.replay_homeserver.client.aclose()
+        await app.state.container.service.restarts.close()
         await app.state.container.engine.dispose()
