@@ -1,5 +1,6 @@
 """Requests with made-up access tokens cannot tie up the homeserver client: whoami calls for
-unknown tokens are capped (a request beyond the cap is answered 429 at once), a refused token is
+tokens never seen valid are capped (a request beyond the cap is answered 429 at once, while a
+token seen valid is still looked up when its cached answer runs out), a refused token is
 remembered briefly, and replays have a connection pool of their own that nothing a client sends
 can fill."""
 
@@ -136,6 +137,114 @@ async def test_a_homeserver_failure_is_not_remembered_as_a_refusal(
         assert (await c.get(f"{UNSTABLE}/delayed_events", headers=ALICE)).status_code == 502
         del homeserver.answers[WHOAMI]
         assert (await c.get(f"{UNSTABLE}/delayed_events", headers=ALICE)).status_code == 200
+
+
+class _HeldBogusWhoami:
+    """A homeserver whose whoami calls for tokens starting with `bogus` are held until `gate` is
+    set; `full` is set once `limit` of them are held."""
+
+    def __init__(self, homeserver: FakeHomeserver, limit: int) -> None:
+        self.homeserver = homeserver
+        self.limit = limit
+        self.gate = asyncio.Event()
+        self.full = asyncio.Event()
+        self.held = 0
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == WHOAMI and request.headers["authorization"].startswith(
+            "Bearer bogus"
+        ):
+            self.held += 1
+            if self.held >= self.limit:
+                self.full.set()
+            await self.gate.wait()
+        return self.homeserver.handle(request)
+
+    async def hold(self, c: httpx.AsyncClient) -> list[asyncio.Future[httpx.Response]]:
+        """`limit` requests with made-up tokens, each holding a whoami call."""
+        flood = [asyncio.ensure_future(_restart(c, f"bogus{i}")) for i in range(self.limit)]
+        await _first(self.full.wait(), asyncio.wait(flood, return_when=asyncio.FIRST_COMPLETED))
+        assert self.full.is_set(), [f.result().text for f in flood if f.done()]
+        return flood
+
+
+async def test_a_flood_of_made_up_tokens_does_not_refuse_a_known_token_whose_answer_expired(
+    database_url: str, clean_db: None, clock: FakeClock, homeserver: FakeHomeserver
+) -> None:
+    """Made-up tokens hold every whoami call the limit allows just as a real user's cached
+    answer runs out: that user's heartbeat is still looked up and answered, not refused 429 (its
+    delayed leave would otherwise fire and drop it from the call)."""
+    held = _HeldBogusWhoami(homeserver, limit=20)  # SIDECAR_WHOAMI_MAX_CONCURRENT's default
+    async with app_and_client(database_url, clock, httpx.MockTransport(held)) as (_, c):
+        delay_id = await schedule_message(c, 600_000)  # Alice's token is now known
+        clock.advance(60_000)  # the whoami cache (60 s) runs out, as it does every minute
+        flood = await held.hold(c)
+        try:
+            calls = _whoami_calls(homeserver)
+            r = await c.post(
+                f"{UNSTABLE}/delayed_events/{delay_id}/restart", json={}, headers=ALICE
+            )
+            assert r.status_code == 200, (r.status_code, r.text)
+            assert _whoami_calls(homeserver) == calls + 1  # looked up again, not served stale
+            # A new token of a user the homeserver knows was never seen valid: it waits for
+            # the flood like any other unknown token.
+            r = await _restart(c, "alice_token_2")
+            assert (r.status_code, r.json()["errcode"]) == (429, "M_LIMIT_EXCEEDED")
+        finally:
+            held.gate.set()
+            answers = await asyncio.gather(*flood)
+        assert {r.status_code for r in answers} == {401}
+
+
+async def test_a_token_logged_out_on_the_homeserver_is_refused_once_its_answer_expires(
+    database_url: str, clean_db: None, clock: FakeClock, homeserver: FakeHomeserver
+) -> None:
+    """A token seen valid and then logged out keeps working for at most
+    `SIDECAR_WHOAMI_CACHE_SECONDS` (60 s); the next lookup's 401 refuses it and forgets that it
+    was ever valid, so from then on it is an unknown token, subject to the whoami limit."""
+    held = _HeldBogusWhoami(homeserver, limit=20)
+    async with app_and_client(
+        database_url, clock, httpx.MockTransport(held), whoami_refusal_cache_seconds=5
+    ) as (_, c):
+        delay_id = await schedule_message(c, 600_000)
+        del homeserver.tokens["alice_token"]  # logged out on the homeserver
+        restart = f"{UNSTABLE}/delayed_events/{delay_id}/restart"
+        clock.advance(59_999)
+        assert (await c.post(restart, json={}, headers=ALICE)).status_code == 200
+        clock.advance(1)
+        r = await c.post(restart, json={}, headers=ALICE)
+        assert (r.status_code, r.json()["errcode"]) == (401, "M_UNKNOWN_TOKEN")
+        assert "alice_token" not in r.text
+
+        clock.advance(5_000)  # the refusal is no longer remembered
+        flood = await held.hold(c)
+        try:
+            r = await c.post(restart, json={}, headers=ALICE)
+            assert (r.status_code, r.json()["errcode"]) == (429, "M_LIMIT_EXCEEDED")
+        finally:
+            held.gate.set()
+            await asyncio.gather(*flood)
+
+
+async def test_the_limit_still_holds_for_tokens_never_seen_valid(
+    database_url: str, clean_db: None, clock: FakeClock, homeserver: FakeHomeserver
+) -> None:
+    """With the limit's worth of whoami calls held, one more made-up token and a real token
+    never seen before are both answered 429 at once."""
+    held = _HeldBogusWhoami(homeserver, limit=20)
+    async with app_and_client(database_url, clock, httpx.MockTransport(held)) as (_, c):
+        await schedule_message(c, 600_000)
+        flood = await held.hold(c)
+        try:
+            for token in ("bogus-one-more", "bob_token"):
+                r = await _restart(c, token)
+                assert (r.status_code, r.json()["errcode"]) == (429, "M_LIMIT_EXCEEDED")
+                assert token not in r.text
+            assert held.held == 20
+        finally:
+            held.gate.set()
+            await asyncio.gather(*flood)
+        assert (await _restart(c, "bob_token")).status_code != 429
 
 
 class _LoopbackHomeserver:

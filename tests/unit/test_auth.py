@@ -1,5 +1,6 @@
 """The whoami cache: one homeserver call per token however many requests wait for it, refusals
-shared but never cached, a caller going away does not cancel the others' answer."""
+shared but never cached, a caller going away does not cancel the others' answer, and tokens seen
+valid are exempt from the limit on lookups (a bounded memory)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import httpx
 import pytest
 
 from app.auth import Authenticator
-from app.errors import HomeserverError
+from app.errors import HomeserverError, LimitExceeded
 from app.homeserver import Homeserver
 from tests.support.fakes import FakeClock
 
@@ -123,3 +124,68 @@ async def test_a_cached_answer_expires_on_the_clock(whoami: Whoami) -> None:
     clock.advance(1)
     await auth.authenticate("tok")  # expired: asked again
     assert whoami.calls == 2
+
+
+class Gates:
+    """A homeserver knowing the tokens in `valid`, whose whoami for a token in `held` waits
+    until `release` is set; `asked` counts the calls per token."""
+
+    def __init__(self, *valid: str) -> None:
+        self.valid = set(valid)
+        self.held: set[str] = set()
+        self.release = asyncio.Event()
+        self.asked: dict[str, int] = {}
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        token = request.headers["authorization"].removeprefix("Bearer ")
+        self.asked[token] = self.asked.get(token, 0) + 1
+        if token in self.held:
+            await self.release.wait()
+        if token not in self.valid:
+            return httpx.Response(401, json={"errcode": "M_UNKNOWN_TOKEN", "error": "Unknown"})
+        return httpx.Response(200, json={"user_id": "@alice:test", "device_id": "PHONE"})
+
+    def authenticator(self, clock: FakeClock, **limits: int) -> Authenticator:
+        client = httpx.AsyncClient(transport=httpx.MockTransport(self.handle))
+        return Authenticator(Homeserver("http://hs.test", client), 60, clock, **limits)
+
+
+async def test_a_known_tokens_lookup_does_not_take_an_unknown_tokens_place() -> None:
+    """A token seen valid whose answer ran out is looked up whatever the limit, and its lookup
+    under way leaves the limit's places to tokens never seen."""
+    clock = FakeClock()
+    gates = Gates("known", "new")
+    auth = gates.authenticator(clock, max_lookups=1)
+    await auth.authenticate("known")
+    clock.advance(60_000)
+    gates.held = {"known", "bogus"}
+    refresh = asyncio.create_task(auth.authenticate("known"))
+    unknown = asyncio.create_task(auth.authenticate("bogus"))
+    await _settle()
+    assert gates.asked == {"known": 2, "bogus": 1}
+    with pytest.raises(LimitExceeded):
+        await auth.authenticate("new")  # the one place is taken by "bogus"
+    gates.release.set()
+    assert (await refresh).user_id == "@alice:test"
+    with pytest.raises(HomeserverError):
+        await unknown
+
+
+async def test_the_memory_of_valid_tokens_is_bounded() -> None:
+    """Past `max_known` tokens seen valid, the least recently used one is forgotten and is an
+    unknown token again, subject to the limit."""
+    clock = FakeClock()
+    gates = Gates("one", "two")
+    auth = gates.authenticator(clock, max_lookups=1, max_known=1)
+    await auth.authenticate("one")
+    await auth.authenticate("two")  # "one" is forgotten
+    clock.advance(60_000)
+    gates.held = {"bogus"}
+    unknown = asyncio.create_task(auth.authenticate("bogus"))
+    await _settle()
+    assert (await auth.authenticate("two")).user_id == "@alice:test"
+    with pytest.raises(LimitExceeded):
+        await auth.authenticate("one")
+    gates.release.set()
+    with pytest.raises(HomeserverError):
+        await unknown
