@@ -98,11 +98,16 @@ class Authenticator:
     one of them would wait for that pile of calls.
 
     Nothing a caller sends can tie up the homeserver client with whoami calls: at most
-    `max_lookups` are under way at once, and a request needing one more is answered at once with
-    429 `M_LIMIT_EXCEEDED` (tokens already known are still answered from the cache). A token the
-    homeserver refused is remembered as refused for `refusal_ttl_seconds`, so repeating a bad
-    token costs the homeserver nothing more. Both caches are keyed by a SHA-256 of the token and
-    bounded in size, the oldest entry going first."""
+    `max_lookups` calls for tokens never seen valid are under way at once, and a request needing
+    one more is answered at once with 429 `M_LIMIT_EXCEEDED`. Tokens seen valid are exempt: their
+    cached answer is still used, and once it runs out their lookup is made whatever the others
+    (up to `max_known` such tokens, the least recently used forgotten first). So made-up tokens
+    cannot get a real user refused, and a token logged out on the homeserver still stops working
+    at most `ttl_seconds` after its last lookup: an expired answer is never served, and a lookup
+    refused with 401 forgets that the token was ever valid. A token the homeserver refused is
+    remembered as refused for `refusal_ttl_seconds`, so repeating a bad token costs the
+    homeserver nothing more. Every cache is keyed by a SHA-256 of the token and bounded in size,
+    the oldest entry going first."""
 
     def __init__(
         self,
@@ -114,6 +119,7 @@ class Authenticator:
         max_lookups: int = 20,
         refusal_ttl_seconds: float = 5.0,
         max_refused: int = 10_000,
+        max_known: int = 100_000,
     ):
         self._homeserver = homeserver
         self._ttl_ms = ttl_seconds * 1000
@@ -127,6 +133,12 @@ class Authenticator:
         self._max_refused = max_refused
         # Refusals by token hash: until when, the status and the homeserver's error body.
         self._refused: OrderedDict[bytes, tuple[float, int, dict[str, Any]]] = OrderedDict()
+        # Hashes of the tokens the homeserver last answered as valid: their lookups are exempt
+        # from `max_lookups`. Only 32-byte hashes, so 100,000 of them take about 17 MB.
+        self._max_known = max_known
+        self._known: OrderedDict[bytes, None] = OrderedDict()
+        # Hashes of the pending lookups that count against `max_lookups`.
+        self._capped: set[bytes] = set()
 
     async def authenticate(self, token: str) -> Requester:
         """The requester owning `token`; the homeserver's refusal is raised unchanged."""
@@ -140,12 +152,15 @@ class Authenticator:
             lookup = self._pending.get(key)
             if lookup is None:
                 self._raise_if_refused(key, now)
-                if len(self._pending) >= self._max_lookups:
+                known = key in self._known
+                if not known and len(self._capped) >= self._max_lookups:
                     raise LimitExceeded(
                         "Too many requests with unknown access tokens; try again shortly",
                         extra={"retry_after_ms": _RETRY_AFTER_MS},
                         headers={"Retry-After": str(_RETRY_AFTER_MS // 1000)},
                     )
+                if not known:
+                    self._capped.add(key)
                 lookup = asyncio.create_task(self._lookup(key, token))
                 # Retrieved here too, so that a failure nobody waits for any more is not
                 # reported as never retrieved.
@@ -169,6 +184,10 @@ class Authenticator:
         now = self._clock.monotonic_ms()
         try:
             whoami = await self._homeserver.whoami(token)
+            self._known[key] = None
+            self._known.move_to_end(key)
+            while len(self._known) > self._max_known:
+                self._known.popitem(last=False)
             if self._ttl_ms > 0:
                 self._cache[key] = (now + self._ttl_ms, whoami)
                 self._cache.move_to_end(key)
@@ -177,6 +196,8 @@ class Authenticator:
             return whoami
         except HomeserverError as exc:
             # The token is not the homeserver's (401); a 403 or 429 is no verdict on the token.
+            if exc.status == 401:
+                self._known.pop(key, None)
             if exc.status == 401 and self._refusal_ttl_ms > 0:
                 self._refused[key] = (now + self._refusal_ttl_ms, exc.status, exc.body())
                 self._refused.move_to_end(key)
@@ -185,6 +206,7 @@ class Authenticator:
             raise
         finally:
             self._pending.pop(key, None)
+            self._capped.discard(key)
 
     async def optional(self, request: Request) -> Requester | None:
         token = access_token(request)
