@@ -60,17 +60,29 @@ async def refresh_token(
 
 # `refresh_token` for many devices at once, as a statement to embed (app.repository.restart_many
 # runs it in the same statement as the restarts): binds :now and the arrays of `refresh_many`.
+# The rows are locked first, in the order of their keys' code points (`COLLATE "C"`, whatever the
+# database's collation), and only then updated: a join alone takes them in whatever order its
+# plan reads them. `forget_unused_tokens` locks in that same order, so a restart batch and a
+# finalise touching the same devices never wait on each other crosswise.
 REFRESH_MANY = """
-    UPDATE device_token AS d SET token = t.token, digest = t.digest, updated_ts = :now
-    FROM unnest(CAST(:users AS text[]), CAST(:devices AS text[]), CAST(:tokens AS bytea[]),
-                CAST(:digests AS bytea[])) AS t (user_id, device_id, token, digest)
-    WHERE d.user_id = t.user_id AND d.device_id = t.device_id AND d.digest <> t.digest
+    UPDATE device_token AS d SET token = l.token, digest = l.digest, updated_ts = :now
+    FROM (
+        SELECT k.user_id, k.device_id, t.token, t.digest
+        FROM device_token AS k
+        JOIN unnest(CAST(:users AS text[]), CAST(:devices AS text[]), CAST(:tokens AS bytea[]),
+                    CAST(:digests AS bytea[])) AS t (user_id, device_id, token, digest)
+          ON k.user_id = t.user_id AND k.device_id = t.device_id
+        WHERE k.digest <> t.digest
+        ORDER BY k.user_id COLLATE "C", k.device_id COLLATE "C"
+        FOR UPDATE OF k
+    ) AS l
+    WHERE d.user_id = l.user_id AND d.device_id = l.device_id AND d.digest <> l.digest
 """
 
 
 def refresh_many(tokens: dict[Device, tuple[bytes, bytes]]) -> dict[str, Any]:
     """The parameters of REFRESH_MANY for {(user, device): (sealed token, digest)} (all but
-    :now), the devices in key order, so two writers never wait on each other crosswise."""
+    :now), the devices in key order (the statement locks them in that order itself)."""
     devices = sorted(tokens.items(), key=lambda item: (item[0][0], item[0][1] or ""))
     return {
         "users": [user for (user, _), _ in devices],
@@ -97,13 +109,15 @@ async def load_tokens(conn: AsyncConnection, devices: set[Device]) -> dict[Devic
 # inserts its event. A DELETE alone would not see that event until it commits, and under READ
 # COMMITTED it would go on to delete the row once the schedule commits. So the rows are locked
 # first, in key order (waiting for any schedule holding one), and the DELETE, a statement of its
-# own, then sees every event committed meanwhile.
+# own, then sees every event committed meanwhile. Key order is code point order (`COLLATE "C"`),
+# as REFRESH_MANY locks: under the database's own collation (en_US, say) upper and lower case or
+# "_" would sort otherwise.
 _LOCK_TOKENS = text(
     """
     SELECT 1 FROM device_token AS d
     JOIN unnest(CAST(:users AS text[]), CAST(:devices AS text[])) AS t (user_id, device_id)
       ON d.user_id = t.user_id AND d.device_id = t.device_id
-    ORDER BY d.user_id, d.device_id
+    ORDER BY d.user_id COLLATE "C", d.device_id COLLATE "C"
     FOR UPDATE OF d
     """
 )

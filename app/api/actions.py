@@ -18,7 +18,8 @@ from app.errors import InvalidParam, MissingParam, MissingToken
 async def requester(request: Request, delay_id: str, generation: Generation) -> Requester | None:
     """The caller of an action, if a token came (B requires one); rate limited per user, else per
     delay_id (an id the sidecar cannot have issued takes no bucket: the service refuses it at no
-    cost)."""
+    cost). A call without a token is settled with the limits once answered (`act`), so that only
+    guessed untagged ids spend their shared budget (`app.ratelimit`)."""
     c = container(request)
     found = await c.auth.optional(request)
     if found is None and generation is Generation.B:
@@ -37,9 +38,15 @@ async def act(request: Request, raw_delay_id: str, action: Action, generation: G
     delay_id = rq.path_segment(raw_delay_id, "delay id")
     caller = await requester(request, delay_id, generation)
     c = container(request)
-    await rq.read_body(request, c.settings.max_body_bytes)  # {} or empty; contents unused
-    with answering(generation):
-        await c.service.manage(caller, delay_id, action, generation)
+    honoured = False
+    try:
+        await rq.read_body(request, c.settings.max_body_bytes)  # {} or empty; contents unused
+        with answering(generation):
+            await c.service.manage(caller, delay_id, action, generation)
+        honoured = True
+    finally:
+        if caller is None:
+            c.limits.settle_untagged(delay_id, honoured=honoured)
 
 
 async def act_from_body(request: Request, raw_delay_id: str, generation: Generation) -> None:
@@ -47,12 +54,18 @@ async def act_from_body(request: Request, raw_delay_id: str, generation: Generat
     delay_id = rq.path_segment(raw_delay_id, "delay id")
     caller = await requester(request, delay_id, generation)
     c = container(request)
-    body = rq.parse_json_object(await rq.read_body(request, c.settings.max_body_bytes))
-    if "action" not in body:
-        raise MissingParam("'action' is missing")
+    honoured = False
     try:
-        action = Action(body["action"])
-    except (ValueError, TypeError):
-        raise InvalidParam("'action' must be one of send, cancel, restart") from None
-    with answering(generation):
-        await c.service.manage(caller, delay_id, action, generation)
+        body = rq.parse_json_object(await rq.read_body(request, c.settings.max_body_bytes))
+        if "action" not in body:
+            raise MissingParam("'action' is missing")
+        try:
+            action = Action(body["action"])
+        except (ValueError, TypeError):
+            raise InvalidParam("'action' must be one of send, cancel, restart") from None
+        with answering(generation):
+            await c.service.manage(caller, delay_id, action, generation)
+        honoured = True
+    finally:
+        if caller is None:
+            c.limits.settle_untagged(delay_id, honoured=honoured)

@@ -64,7 +64,7 @@ def _early_refusal(scope: Scope, delay_id: str) -> MatrixError | None:
         metrics.RESTARTED.labels("A", "refused").inc()  # as the service counts it
         return NotFound("Delayed event not found")
     if kind is Kind.UNTAGGED:
-        return container.limits.untagged_refusal()
+        return container.limits.untagged_refusal(delay_id)
     return None
 
 

@@ -1,6 +1,7 @@
 """Tokenless restarts that cannot be honoured are refused as early and as cheaply as they can be:
 an id the sidecar never issued before its body is read, and a flood of ids of the form issued
-before ids carried a tag lets no more than a handful of database lookups through at once."""
+before ids carried a tag lets no more than a handful of database lookups through at once, while
+the restarts of events that exist under such ids go on."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from fastapi import FastAPI
 from starlette.types import Message
 
 from app.delay_ids import DelayIds
-from tests.integration.common import UNSTABLE, act, assert_error, schedule_message
+from tests.integration.common import UNSTABLE, act, assert_error, rows, schedule_message
+from tests.support.fakes import FakeClock
 
 TIGHT_UNTAGGED = {"ratelimit_untagged_per_second": 1.0, "ratelimit_untagged_burst": 2}
 
@@ -118,3 +120,29 @@ async def test_a_spent_untagged_budget_refuses_before_the_body_is_read(
     routed = await act(client, secrets.token_urlsafe(18), "restart", body_form=True)
     assert_error(routed, 429, "M_LIMIT_EXCEEDED")
     assert body == routed.json()
+
+
+@pytest.mark.parametrize("settings_overrides", [TIGHT_UNTAGGED], indirect=True)
+async def test_guesses_that_empty_the_untagged_budget_do_not_refuse_an_existing_id(
+    app: FastAPI, client: httpx.AsyncClient, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("app.service.new_delay_id", lambda ids: secrets.token_urlsafe(18))
+    old = await schedule_message(client, 10_000)  # an id of the form issued before tags
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"2")]
+    # Restarts on an existing id spend nothing: more of them than the burst, at one instant.
+    for _ in range(4):
+        assert (await act(client, old, "restart")).status_code == 200
+    for _ in range(3):
+        clock.advance(1000)  # the budget refills; the guesses spend it again at once
+        statuses = [
+            (await act(client, secrets.token_urlsafe(18), "restart")).status_code for _ in range(5)
+        ]
+        assert 404 in statuses
+        assert statuses[-1] == 429
+        status, _, body, _ = await call_without_body(app, secrets.token_urlsafe(18), headers)
+        assert (status, body["errcode"]) == (429, "M_LIMIT_EXCEEDED")
+        # The participant's heartbeat goes on, by the heartbeat's path and the routed form.
+        assert (await act(client, old, "restart")).status_code == 200
+        assert (await act(client, old, "restart", body_form=True)).status_code == 200
+        [row] = await rows(app)
+        assert row["send_ts"] == clock.now_ms() + 10_000

@@ -108,3 +108,75 @@ def test_the_untagged_refusal_matches_the_limit_and_spends_nothing() -> None:
     )
     clock.t += 0.25
     assert limits.untagged_refusal() is None
+
+
+def untagged_limits(clock: Clock) -> RateLimits:
+    return RateLimits(
+        schedule=TokenBuckets(rate=1, burst=1, now=clock),
+        manage=TokenBuckets(rate=1, burst=1, now=clock),
+        tokenless=TokenBuckets(rate=1, burst=5, now=clock),
+        untagged=TokenBuckets(rate=4, burst=2, now=clock),
+    )
+
+
+def test_only_misses_spend_the_untagged_budget() -> None:
+    clock = Clock()  # never moves: nothing refills
+    limits = untagged_limits(clock)
+    for n in range(10):  # ten honoured calls on ten ids: each gives its token back
+        limits.manage(None, f"honest{n}", untagged=True)
+        limits.settle_untagged(f"honest{n}", honoured=True)
+    for n in range(2):  # two misses spend the burst of two
+        limits.manage(None, f"guess{n}", untagged=True)
+        limits.settle_untagged(f"guess{n}", honoured=False)
+    with pytest.raises(LimitExceeded):
+        limits.manage(None, "guess2", untagged=True)
+
+
+def test_lookups_in_flight_are_bounded_by_the_untagged_budget() -> None:
+    limits = untagged_limits(Clock())
+    limits.manage(None, "a", untagged=True)
+    limits.manage(None, "b", untagged=True)  # two lookups under way, none answered yet
+    assert limits.untagged_refusal("c") is not None
+    with pytest.raises(LimitExceeded):
+        limits.manage(None, "c", untagged=True)
+
+
+def test_an_id_honoured_before_goes_on_while_guesses_keep_the_budget_empty() -> None:
+    clock = Clock()
+    limits = untagged_limits(clock)
+    limits.manage(None, "honest", untagged=True)
+    limits.settle_untagged("honest", honoured=True)
+    for second in range(3):
+        clock.t += 1  # the budget refills, and the guesses spend it again at once
+        guesses = 0
+        while limits.untagged_refusal() is None:
+            limits.manage(None, f"guess{second}-{guesses}", untagged=True)
+            limits.settle_untagged(f"guess{second}-{guesses}", honoured=False)
+            guesses += 1
+        assert guesses >= 1
+        assert limits.untagged_refusal("honest") is None
+        limits.manage(None, "honest", untagged=True)
+        limits.settle_untagged("honest", honoured=True)
+    # Once a call on it is not honoured (the event is gone), the id is charged again.
+    limits.manage(None, "honest", untagged=True)
+    limits.settle_untagged("honest", honoured=False)
+    assert limits.untagged_refusal("honest") is not None
+    with pytest.raises(LimitExceeded):
+        limits.manage(None, "honest", untagged=True)
+
+
+def test_known_untagged_ids_are_bounded() -> None:
+    limits = RateLimits(
+        schedule=TokenBuckets(rate=1, burst=1, now=Clock()),
+        manage=TokenBuckets(rate=1, burst=1, now=Clock()),
+        tokenless=TokenBuckets(rate=1, burst=5, now=Clock()),
+        untagged=TokenBuckets(rate=1, burst=1, now=Clock()),
+        max_known_untagged=3,
+    )
+    for n in range(10):
+        limits.manage(None, f"id{n}", untagged=True)
+        limits.settle_untagged(f"id{n}", honoured=True)
+    limits.manage(None, "guess", untagged=True)
+    limits.settle_untagged("guess", honoured=False)  # the budget of one is spent
+    free = [limits.untagged_refusal(f"id{n}") is None for n in range(10)]
+    assert free == [False] * 7 + [True] * 3
