@@ -219,8 +219,9 @@ def test_refusals_are_left_out_of_the_access_log(proxy: Proxy) -> None:
     try:
         passed, refused = until_refused(client, 5_000)
         assert refused is not None
-        for _ in range(20):
-            client.send("POST", restart())
+        # The budget refills as time passes: a later call may go through too, and is logged.
+        later = [client.send("POST", restart()) for _ in range(20)]
+        passed += sum(answer.status == 200 for answer in later)
     finally:
         client.close()
     log = (proxy.config.prefix / "access.log").read_text().splitlines()

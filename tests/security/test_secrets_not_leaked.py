@@ -109,6 +109,11 @@ class Session:
         return delay_id
 
 
+def other_id(delay_id: str) -> str:
+    """`delay_id` with its last character changed: an id that was never issued."""
+    return delay_id[:-1] + ("y" if delay_id.endswith("x") else "x")
+
+
 async def drive_every_endpoint(s: Session, app: FastAPI, clock: FakeClock) -> list[str]:
     """Every route, its errors and every kind of replay; returns the ids still scheduled."""
     hs = s.homeserver
@@ -194,7 +199,7 @@ async def drive_every_endpoint(s: Session, app: FastAPI, clock: FakeClock) -> li
         (f"{UNSTABLE}/delayed_events/{first}/nonsense", "alice", {}),
         (f"{V1}/delayed_events/{first}", "alice", {"action": "explode"}),
         (f"{V1}/delayed_events/{first}", "alice", {}),
-        (f"{V1}/delayed_events/{first[:-1]}x/send", "alice", {}),
+        (f"{V1}/delayed_events/{other_id(first)}/send", "alice", {}),
     ]:
         r = await s.call("POST", path, who=who, json=body)
         assert 400 <= r.status_code < 500, (path, r.text)
