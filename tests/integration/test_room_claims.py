@@ -242,3 +242,24 @@ async def test_two_replicas_send_a_rooms_messages_in_send_order(
                 await _replay(app).liveness.stop()
     bodies = [json.loads(r.content)["body"] for r in homeserver.replays()]
     assert bodies == [f"{ROOM_X}-{n}" for n in range(4)]
+
+
+async def test_a_room_whose_first_due_event_is_locked_does_not_keep_other_rooms_out_of_a_claim(
+    app: FastAPI, client: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    """Another transaction holds room X's first due row (a restart, a cancel, another claim on
+    its way); X's later due rows are more than the claim's limit. They are passed over, and
+    must not use the limit up: room Y's due event is claimed."""
+    x = await _schedule(client, ROOM_X, 5, 1000)
+    y = await _schedule(client, ROOM_Y, 1, 9000)
+    clock.advance(20_000)
+    engine = app.state.container.engine
+    async with _replica(engine, A), engine.connect() as locker:
+        await locker.execute(
+            text("SELECT 1 FROM delayed_event WHERE delay_id = :d FOR UPDATE"), {"d": x[0]}
+        )
+        assert _ids(await _claim(engine, clock, 3, A)) == y
+        await locker.rollback()
+    # Once the lock is gone, X's events are claimed in order.
+    async with _replica(engine, A):
+        assert _ids(await _claim(engine, clock, 10, A)) == x
