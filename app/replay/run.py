@@ -29,6 +29,19 @@ from app.replay.wakeup import WakeUp
 
 logger = logging.getLogger(__name__)
 
+# How long to wait before claiming again when an event that was due at the last claim is still
+# due after it: the claim passed it over (its row locked by another transaction, a restart or a
+# cancel or another replica's claim on its way), and asking again at once would only spin.
+RETRY_PASSED_OVER_MS = 100
+
+
+def wake_up_time(next_due: int, claimed_at: int, now: int) -> int:
+    """When to claim again for an event due at `next_due`, after a claim made at `claimed_at`
+    that left it: at once if it fell due since, else `RETRY_PASSED_OVER_MS` from `now`."""
+    if next_due <= claimed_at:
+        return max(next_due, now + RETRY_PASSED_OVER_MS)
+    return next_due
+
 
 class Run:
     """One run: claims due events and works them off room by room, claiming more whenever it
@@ -77,6 +90,7 @@ class Run:
         self._uses: Counter[Device] = Counter()
         self._changed = asyncio.Event()
         self._full = False
+        self._claimed_at = 0
         self._writer = OutcomeWriter(engine, on_written=self._written)
         self._checks = StateChecks(replay, self._credential, keeper)
         # Lookups waiting for a held event to be handled (`settled`).
@@ -166,6 +180,7 @@ class Run:
         if self._draining():
             return 0
         now = self._clock.now_ms()
+        self._claimed_at = now
         async with self._engine.begin() as conn:
             # The claims of a replica that is gone are taken over at once, not at their lease's end.
             await claims_repo.free_dead_claims(conn, now)
@@ -197,7 +212,7 @@ class Run:
             logger.exception("looking up the next due event failed; the sweep finds it")
             return
         if next_due is not None:
-            self._wakeup.wake(next_due)
+            self._wakeup.wake(wake_up_time(next_due, self._claimed_at, self._clock.now_ms()))
 
     async def _work_room(self, room_id: str) -> None:
         queue = self._queues[room_id]
