@@ -13,8 +13,7 @@ from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from app.clock import Clock
-from app.replay.run import wake_up_time
-from app.replay.wakeup import WakeUp
+from app.replay.wakeup import WakeUp, wake_up_time
 
 logger = logging.getLogger(__name__)
 

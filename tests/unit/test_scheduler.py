@@ -4,7 +4,7 @@ import asyncio
 from datetime import UTC, datetime
 
 from app.replay import WakeUp
-from app.replay.run import RETRY_PASSED_OVER_MS, wake_up_time
+from app.replay.wakeup import RETRY_PASSED_OVER_MS, wake_up_time
 from app.scheduler import WAKE_JOB, WakeUpScheduler
 from tests.support.fakes import FakeClock
 
