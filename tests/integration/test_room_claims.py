@@ -21,6 +21,7 @@ from app import repository_due as due_repo
 from app.crypto import new_key
 from app.liveness import LOCK_CLASS
 from app.models import DelayedEvent
+from app.replay.wakeup import RETRY_PASSED_OVER_MS
 from tests.integration.common import enc, schedule_message
 from tests.support.apps import app_and_client
 from tests.support.fakes import FakeClock, FakeHomeserver
@@ -263,3 +264,21 @@ async def test_a_room_whose_first_due_event_is_locked_does_not_keep_other_rooms_
     # Once the lock is gone, X's events are claimed in order.
     async with _replica(engine, A):
         assert _ids(await _claim(engine, clock, 10, A)) == x
+
+
+async def test_a_tick_that_can_claim_nothing_due_waits_before_trying_again(
+    app: FastAPI, client: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    """Room X's only due event is locked by another transaction: the run claims nothing, and
+    the next due time is still "now". The wake-up is set a pause ahead, not at once (a loop
+    for as long as the lock is held)."""
+    x = await _schedule(client, ROOM_X, 1, 1000)
+    clock.advance(5000)
+    container = app.state.container
+    async with container.engine.connect() as locker:
+        await locker.execute(
+            text("SELECT 1 FROM delayed_event WHERE delay_id = :d FOR UPDATE"), {"d": x[0]}
+        )
+        await container.scheduler.tick()
+        await locker.rollback()
+    assert container.scheduler.wake_at == clock.now_ms() + RETRY_PASSED_OVER_MS
