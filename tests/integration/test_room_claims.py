@@ -282,3 +282,49 @@ async def test_a_tick_that_can_claim_nothing_due_waits_before_trying_again(
         await container.scheduler.tick()
         await locker.rollback()
     assert container.scheduler.wake_at == clock.now_ms() + RETRY_PASSED_OVER_MS
+
+
+async def test_a_run_with_rooms_busy_waits_before_claiming_a_passed_over_room_again(
+    database_url: str, clean_db: None, clock: FakeClock, homeserver: FakeHomeserver
+) -> None:
+    """The run sends room Y's event (held at the homeserver) while room X's due event is locked
+    by another transaction: the run sets its own wake-up a pause ahead, not at once."""
+    in_gate = asyncio.Event()
+    gate = asyncio.Event()
+
+    async def held(request: httpx.Request) -> httpx.Response:
+        if request.method == "PUT" and not gate.is_set():
+            in_gate.set()
+            await gate.wait()
+        return homeserver.handle(request)
+
+    async with app_and_client(database_url, clock, httpx.MockTransport(held)) as (app, client):
+        x = await _schedule(client, ROOM_X, 1, 1000)
+        await _schedule(client, ROOM_Y, 1, 2000)
+        clock.advance(5000)
+        container = app.state.container
+        runner = container.replay
+        looked_up = asyncio.Event()
+        next_due = runner.next_due
+
+        async def noted_next_due() -> int | None:
+            # The run sets its wake-up in the same step as this returns.
+            try:
+                return await next_due()
+            finally:
+                looked_up.set()
+
+        runner.next_due = noted_next_due
+        async with container.engine.connect() as locker:
+            await locker.execute(
+                text("SELECT 1 FROM delayed_event WHERE delay_id = :d FOR UPDATE"), {"d": x[0]}
+            )
+            tick = asyncio.create_task(container.scheduler.tick())
+            try:
+                await in_gate.wait()
+                await looked_up.wait()
+                assert container.scheduler.wake_at == clock.now_ms() + RETRY_PASSED_OVER_MS
+            finally:
+                gate.set()
+                await locker.rollback()
+                await tick
