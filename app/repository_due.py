@@ -63,6 +63,10 @@ def rooms_held_by_others(now: int, holder: int | None) -> Any:
 _NO_JIT = text("SET LOCAL jit = off")
 
 
+# How many statements one claim makes at most when rooms are passed over (see `claim_due`).
+CLAIM_ROUNDS = 4
+
+
 async def claim_due(
     conn: AsyncConnection, now: int, lease_ms: int, limit: int, holder: int | None = None
 ) -> list[DelayedEvent]:
@@ -78,19 +82,54 @@ async def claim_due(
     forward, so a replica that dies mid-replay leaves rows that fall due again (at once, with
     `free_dead_claims`, when the claim names the dead replica's lock). With a `holder`, the
     claims name it, and nothing is claimed unless that lock is still held.
+
+    A room passed over (its earlier due row locked by another transaction) does not use the
+    limit up: when a statement claims fewer than `limit` because it passed rooms over, it claims
+    again without those rooms, at most `CLAIM_ROUNDS` statements in all.
     """
+    claim_id = new_claim_id(holder)
+    # The planner's estimate of this statement grows with the rows per room and soon passes
+    # PostgreSQL's JIT threshold; compiling it would cost far more than running it.
+    await conn.execute(_NO_JIT)
+    events: list[DelayedEvent] = []
+    passed_over: set[str] = set()
+    for _ in range(CLAIM_ROUNDS):
+        claimed, skipped = await _claim_round(
+            conn, now, lease_ms, limit - len(events), holder, claim_id, passed_over
+        )
+        events += claimed
+        if len(events) >= limit or not skipped - passed_over:
+            break
+        passed_over |= skipped
+    events.sort(key=lambda e: (e.send_ts, e.delay_id))
+    return events
+
+
+async def _claim_round(
+    conn: AsyncConnection,
+    now: int,
+    lease_ms: int,
+    limit: int,
+    holder: int | None,
+    claim_id: str,
+    excluded: set[str],
+) -> tuple[list[DelayedEvent], set[str]]:
+    """One claim statement, leaving out the rooms `excluded`: the events it claimed, and the
+    rooms whose due rows it took up but passed over."""
     conditions: list[Any] = [
         T.status == SCHEDULED,
         T.due_ts <= now,
         not_waiting(),
         T.room_id.not_in(rooms_held_by_others(now, holder)),
     ]
+    if excluded:
+        conditions.append(T.room_id.not_in(sorted(excluded)))
     if holder is not None:
         conditions.append(
             text(f"CAST(:holder AS text) IN ({LIVE_HOLDERS})").bindparams(holder=str(holder))
         )
     due = (
-        select(T.delay_id)
+        select(T.delay_id, T.room_id)
         .where(*conditions)
         .order_by(T.send_ts, T.delay_id)
         .limit(limit)
@@ -116,19 +155,27 @@ async def claim_due(
         )
         .exists()
     )
-    claim_id = new_claim_id(holder)
-    # The planner's estimate of this statement grows with the rows per room and soon passes
-    # PostgreSQL's JIT threshold; compiling it would cost far more than running it.
-    await conn.execute(_NO_JIT)
-    result = await conn.execute(
+    claimed = (
         update(delayed_event)
         .where(T.delay_id == due.c.delay_id, ~passed_over)
         .values(claim_id=claim_id, due_ts=now + lease_ms)
         .returning(*EVENT_COLUMNS)
+        .cte("claimed")
     )
-    events = [event_from_row(row) for row in result]
-    events.sort(key=lambda e: (e.send_ts, e.delay_id))
-    return events
+    # Every row the claim took up, with what it claimed of it: none where it passed it over.
+    result = await conn.execute(
+        select(claimed, due.c.room_id.label("taken_room"))
+        .select_from(due)
+        .outerjoin(claimed, claimed.c.delay_id == due.c.delay_id)
+    )
+    events: list[DelayedEvent] = []
+    skipped: set[str] = set()
+    for row in result:
+        if row.delay_id is None:
+            skipped.add(row.taken_room)
+        else:
+            events.append(event_from_row(tuple(row)[:-1]))
+    return events, skipped
 
 
 async def next_due(conn: AsyncConnection, now: int, holder: int | None) -> int | None:

@@ -25,12 +25,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app import repository as repo
 from app.clock import Clock
+from app.errors import DatabaseUnavailable
 from app.replay.tokens import SealedToken
 
 # Bounds a statement's size; more waiting restarts simply make the next batch.
 MAX_BATCH = 500
 # Batches written at the same time, each on a connection of its own.
 IN_FLIGHT = 2
+# Restarts that may wait for a batch; more are refused (503) until the database catches up.
+MAX_WAITING = 10_000
 
 # A device: (user_id, device_id).
 Device = tuple[str, str | None]
@@ -82,7 +85,15 @@ class RestartBatcher:
     async def restart(self, delay_id: str, owner: str | None, token: SealedToken | None) -> bool:
         """Restart the delay of `delay_id` (only if `owner` owns it, when given) from the time its
         batch is written, and refresh the caller's stored token; whether it was restarted.
-        Database errors are raised to every caller of the batch."""
+        Database errors are raised to every caller of the batch. Refused (503 M_UNKNOWN) once
+        closed, and while `MAX_WAITING` restarts wait already: the database has fallen behind,
+        and the client tries again later, as after any failed restart."""
+        if self._closed:
+            raise DatabaseUnavailable("The service is shutting down, try again")
+        if len(self._waiting) >= MAX_WAITING:
+            self._waiting = [r for r in self._waiting if not r.answer.done()]
+            if len(self._waiting) >= MAX_WAITING:
+                raise DatabaseUnavailable("Database busy, try again")
         answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiting.append(_Restart(delay_id, owner, token, answer))
         if self._writers < IN_FLIGHT:
@@ -93,7 +104,8 @@ class RestartBatcher:
         return await answer
 
     async def close(self) -> None:
-        """Let the batches under way finish, and give the kept connections back."""
+        """Refuse new restarts, let the batches under way finish, and give the kept connections
+        back."""
         self._closed = True
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -104,7 +116,8 @@ class RestartBatcher:
     def _take(self) -> _Batch | None:
         """The next batch: the waiting restarts (oldest first, up to MAX_BATCH) that share no row
         with a batch being written. Of one device, a restart waits whenever an earlier one waits,
-        so its newest token is the one written last."""
+        so its newest token is the one written last. A restart whose caller has gone (timed
+        out, disconnected) is dropped: it was not answered 200, so it must not be written."""
         busy_ids: set[str] = set()
         busy_tokens: dict[Device, tuple[bytes, _Batch]] = {}
         for other in self._in_flight:
@@ -115,6 +128,8 @@ class RestartBatcher:
         held: list[_Restart] = []
         held_devices: set[Device | None] = set()
         for restart in self._waiting:
+            if restart.answer.done():
+                continue  # the caller has gone
             token = restart.token
             device = (token.user_id, token.device_id) if token is not None else None
             busy = busy_tokens.get(device) if device is not None else None

@@ -13,7 +13,7 @@ from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from app.clock import Clock
-from app.replay.wakeup import WakeUp
+from app.replay.wakeup import WakeUp, wake_up_time
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +125,9 @@ class WakeUpScheduler:
     async def tick(self) -> None:
         """Replay what is due, then set the wake-up for the next due event."""
         self._wakeup.rung()
+        # Whatever was due when the run began, the run tried to claim; if it is due still, it
+        # was passed over (`wake_up_time`), and the next try waits a little.
+        started = self._clock.now_ms()
         try:
             if await self._run_due() is None:
                 return  # a run is going on; it has been poked and sets its own wake-ups
@@ -134,7 +137,7 @@ class WakeUpScheduler:
             logger.exception("replaying due events failed")
             return
         if next_due is not None:
-            self.wake(next_due)
+            self.wake(wake_up_time(next_due, started, self._clock.now_ms()))
 
     async def _check_job(self) -> None:
         """Free the claims of replicas that are gone, and replay them now if there were any, or

@@ -25,7 +25,7 @@ from app.replay.order import next_group
 from app.replay.outcomes import OutcomeWriter, log_id
 from app.replay.state_checks import StateChecks
 from app.replay.tokens import Credentials, Device
-from app.replay.wakeup import WakeUp
+from app.replay.wakeup import WakeUp, wake_up_time
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ class Run:
         self._uses: Counter[Device] = Counter()
         self._changed = asyncio.Event()
         self._full = False
+        self._claimed_at = 0
         self._writer = OutcomeWriter(engine, on_written=self._written)
         self._checks = StateChecks(replay, self._credential, keeper)
         # Lookups waiting for a held event to be handled (`settled`).
@@ -166,6 +167,7 @@ class Run:
         if self._draining():
             return 0
         now = self._clock.now_ms()
+        self._claimed_at = now
         async with self._engine.begin() as conn:
             # The claims of a replica that is gone are taken over at once, not at their lease's end.
             await claims_repo.free_dead_claims(conn, now)
@@ -197,7 +199,7 @@ class Run:
             logger.exception("looking up the next due event failed; the sweep finds it")
             return
         if next_due is not None:
-            self._wakeup.wake(next_due)
+            self._wakeup.wake(wake_up_time(next_due, self._claimed_at, self._clock.now_ms()))
 
     async def _work_room(self, room_id: str) -> None:
         queue = self._queues[room_id]

@@ -140,11 +140,13 @@ def _relayed(status: int, error: dict[str, Any], fate: str) -> HomeserverError:
 
 
 def _rate_limited(outcome: Transient, retry_in_ms: int) -> HomeserverError:
-    """The homeserver's rate limit, with the time until the event's own retry."""
+    """The homeserver's rate limit, with the time until the event's own retry. A retry due now
+    still asks for a wait (at least 1 ms, and `Retry-After: 1`): clients read 0 as "at once"."""
     said = outcome.error.get("error")
     message = said if isinstance(said, str) else "The homeserver is rate limiting"
+    wait_ms = max(retry_in_ms, 1)
     return HomeserverError(
         429,
-        {"errcode": "M_LIMIT_EXCEEDED", "error": message, "retry_after_ms": retry_in_ms},
-        {"Retry-After": str(math.ceil(retry_in_ms / 1000))},
+        {"errcode": "M_LIMIT_EXCEEDED", "error": message, "retry_after_ms": wait_ms},
+        {"Retry-After": str(max(math.ceil(wait_ms / 1000), 1))},
     )

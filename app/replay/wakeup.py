@@ -7,6 +7,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+# How long to wait before claiming again when an event that was due at the last claim is still
+# due after it: the claim passed it over (its row locked by another transaction, a restart or a
+# cancel or another replica's claim on its way), and asking again at once would only spin.
+RETRY_PASSED_OVER_MS = 100
+
+
+def wake_up_time(next_due: int, claimed_at: int, now: int) -> int:
+    """When to claim again for an event due at `next_due`, after a claim made at `claimed_at`
+    that left it: at once if it fell due since, else `RETRY_PASSED_OVER_MS` from `now`."""
+    if next_due <= claimed_at:
+        return max(next_due, now + RETRY_PASSED_OVER_MS)
+    return next_due
+
 
 class WakeUp:
     """The earliest time asked for since the last wake-up. Before the clock starts, and once the

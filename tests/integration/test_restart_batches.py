@@ -16,6 +16,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app import repository as repo
+from app import restarts as restarts_module
 from app.crypto import TokenCipher
 from app.restarts import RestartBatcher
 from tests.integration.common import (
@@ -25,6 +26,7 @@ from tests.integration.common import (
     BOB,
     V1,
     act,
+    assert_error,
     rows,
     schedule_message,
 )
@@ -369,3 +371,73 @@ async def test_a_restart_waiting_for_a_cancel_or_send_that_commits_first_is_refu
     assert row["send_ts"] == before[alices]
     if action == "send":
         assert len(homeserver.replays()) == 1
+
+
+async def test_a_restart_whose_caller_has_gone_is_not_written(
+    client: httpx.AsyncClient, app: FastAPI, clock: FakeClock, batches: Batches
+) -> None:
+    """While both batches being written are held up (a database stall), a restart waits; its
+    caller gives up (times out, disconnects). The next batch leaves it out: the event keeps the
+    delay the caller was told it still has."""
+    alices = await schedule_message(client, 10_000, txn="a", headers=ALICE)
+    bobs = await schedule_message(client, 10_000, txn="b", headers=BOB)
+    gone = await schedule_message(client, 10_000, txn="c", headers=ALICE)
+    later = await schedule_message(client, 10_000, txn="d", headers=BOB)
+    before = {row["delay_id"]: row["send_ts"] for row in await rows(app)}
+    first = started(act(client, alices, "restart", headers=ALICE))
+    one = await batches.arrived(1)
+    second = started(act(client, bobs, "restart", headers=BOB))
+    two = await batches.arrived(2)
+    clock.advance(1000)
+    batcher = app.state.container.service.restarts
+    waiting = asyncio.create_task(batcher.restart(gone, None, None))
+    await batches.handed_over(gone)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    also = started(act(client, later, "restart"))
+    await batches.handed_over(later)
+    one.release.set()
+    three = await batches.arrived(3)
+    assert three.delay_ids == [later]
+    three.release.set()
+    two.release.set()
+    assert [(await r).status_code for r in (first, second, also)] == [200, 200, 200]
+    send_ts = {row["delay_id"]: row["send_ts"] for row in await rows(app)}
+    assert send_ts[gone] == before[gone]
+    assert send_ts[later] == clock.now_ms() + 10_000
+
+
+async def test_restarts_beyond_the_waiting_bound_are_refused_as_unavailable(
+    client: httpx.AsyncClient,
+    app: FastAPI,
+    batches: Batches,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(restarts_module, "MAX_WAITING", 1)
+    ids = [await schedule_message(client, 10_000, txn=f"t{n}") for n in range(4)]
+    held = [started(act(client, ids[0], "restart"))]
+    one = await batches.arrived(1)
+    held.append(started(act(client, ids[1], "restart")))
+    two = await batches.arrived(2)
+    queued = started(act(client, ids[2], "restart"))
+    await batches.handed_over(ids[2])
+    refused = await act(client, ids[3], "restart")
+    assert_error(refused, 503, "M_UNKNOWN")
+    one.release.set()
+    three = await batches.arrived(3)
+    assert three.delay_ids == [ids[2]]
+    three.release.set()
+    two.release.set()
+    assert [(await r).status_code for r in (*held, queued)] == [200, 200, 200]
+
+
+async def test_a_closed_batcher_refuses_restarts(
+    client: httpx.AsyncClient, app: FastAPI, clock: FakeClock
+) -> None:
+    delay_id = await schedule_message(client, 10_000)
+    before = {row["delay_id"]: row["send_ts"] for row in await rows(app)}
+    await app.state.container.service.restarts.close()
+    clock.advance(1000)
+    assert_error(await act(client, delay_id, "restart"), 503, "M_UNKNOWN")
+    assert {row["delay_id"]: row["send_ts"] for row in await rows(app)} == before

@@ -21,6 +21,7 @@ from app import repository_due as due_repo
 from app.crypto import new_key
 from app.liveness import LOCK_CLASS
 from app.models import DelayedEvent
+from app.replay.wakeup import RETRY_PASSED_OVER_MS
 from tests.integration.common import enc, schedule_message
 from tests.support.apps import app_and_client
 from tests.support.fakes import FakeClock, FakeHomeserver
@@ -242,3 +243,88 @@ async def test_two_replicas_send_a_rooms_messages_in_send_order(
                 await _replay(app).liveness.stop()
     bodies = [json.loads(r.content)["body"] for r in homeserver.replays()]
     assert bodies == [f"{ROOM_X}-{n}" for n in range(4)]
+
+
+async def test_a_room_whose_first_due_event_is_locked_does_not_keep_other_rooms_out_of_a_claim(
+    app: FastAPI, client: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    """Another transaction holds room X's first due row (a restart, a cancel, another claim on
+    its way); X's later due rows are more than the claim's limit. They are passed over, and
+    must not use the limit up: room Y's due event is claimed."""
+    x = await _schedule(client, ROOM_X, 5, 1000)
+    y = await _schedule(client, ROOM_Y, 1, 9000)
+    clock.advance(20_000)
+    engine = app.state.container.engine
+    async with _replica(engine, A), engine.connect() as locker:
+        await locker.execute(
+            text("SELECT 1 FROM delayed_event WHERE delay_id = :d FOR UPDATE"), {"d": x[0]}
+        )
+        assert _ids(await _claim(engine, clock, 3, A)) == y
+        await locker.rollback()
+    # Once the lock is gone, X's events are claimed in order.
+    async with _replica(engine, A):
+        assert _ids(await _claim(engine, clock, 10, A)) == x
+
+
+async def test_a_tick_that_can_claim_nothing_due_waits_before_trying_again(
+    app: FastAPI, client: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    """Room X's only due event is locked by another transaction: the run claims nothing, and
+    the next due time is still "now". The wake-up is set a pause ahead, not at once (a loop
+    for as long as the lock is held)."""
+    x = await _schedule(client, ROOM_X, 1, 1000)
+    clock.advance(5000)
+    container = app.state.container
+    async with container.engine.connect() as locker:
+        await locker.execute(
+            text("SELECT 1 FROM delayed_event WHERE delay_id = :d FOR UPDATE"), {"d": x[0]}
+        )
+        await container.scheduler.tick()
+        await locker.rollback()
+    assert container.scheduler.wake_at == clock.now_ms() + RETRY_PASSED_OVER_MS
+
+
+async def test_a_run_with_rooms_busy_waits_before_claiming_a_passed_over_room_again(
+    database_url: str, clean_db: None, clock: FakeClock, homeserver: FakeHomeserver
+) -> None:
+    """The run sends room Y's event (held at the homeserver) while room X's due event is locked
+    by another transaction: the run sets its own wake-up a pause ahead, not at once."""
+    in_gate = asyncio.Event()
+    gate = asyncio.Event()
+
+    async def held(request: httpx.Request) -> httpx.Response:
+        if request.method == "PUT" and not gate.is_set():
+            in_gate.set()
+            await gate.wait()
+        return homeserver.handle(request)
+
+    async with app_and_client(database_url, clock, httpx.MockTransport(held)) as (app, client):
+        x = await _schedule(client, ROOM_X, 1, 1000)
+        await _schedule(client, ROOM_Y, 1, 2000)
+        clock.advance(5000)
+        container = app.state.container
+        runner = container.replay
+        looked_up = asyncio.Event()
+        next_due = runner.next_due
+
+        async def noted_next_due() -> int | None:
+            # The run sets its wake-up in the same step as this returns.
+            try:
+                return await next_due()
+            finally:
+                looked_up.set()
+
+        runner.next_due = noted_next_due
+        async with container.engine.connect() as locker:
+            await locker.execute(
+                text("SELECT 1 FROM delayed_event WHERE delay_id = :d FOR UPDATE"), {"d": x[0]}
+            )
+            tick = asyncio.create_task(container.scheduler.tick())
+            try:
+                await in_gate.wait()
+                await looked_up.wait()
+                assert container.scheduler.wake_at == clock.now_ms() + RETRY_PASSED_OVER_MS
+            finally:
+                gate.set()
+                await locker.rollback()
+                await tick

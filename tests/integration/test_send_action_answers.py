@@ -132,3 +132,23 @@ async def test_a_homeserver_rate_limit_without_a_time_still_says_when_the_retry_
     [row] = await rows(app)
     assert body["retry_after_ms"] == row["due_ts"] - clock.now_ms() > 0
     assert int(r.headers["Retry-After"]) >= 1
+
+
+@pytest.mark.parametrize("settings_overrides", [{"retry_max_backoff_seconds": 0.0001}])
+async def test_a_rate_limit_whose_retry_is_due_at_once_still_says_to_wait(
+    client: httpx.AsyncClient, app: FastAPI, clock: FakeClock, homeserver: FakeHomeserver
+) -> None:
+    """The event's retry is due now (no backoff left): the answer still asks the caller to wait
+    a moment, never `Retry-After: 0`, which clients read as "again at once"."""
+    delay_id = await schedule_message(client, 60_000)
+    homeserver.fail_next.append(
+        httpx.Response(
+            429, json={"errcode": "M_LIMIT_EXCEEDED", "error": "slow", "retry_after_ms": 2000}
+        )
+    )
+    r = await act(client, delay_id, "send", prefix=V1, headers=ALICE)
+    body = assert_error(r, 429, "M_LIMIT_EXCEEDED")
+    [row] = await rows(app)
+    assert row["due_ts"] == clock.now_ms()  # the retry is due at once
+    assert body["retry_after_ms"] >= 1
+    assert int(r.headers["Retry-After"]) >= 1

@@ -4,6 +4,7 @@ import asyncio
 from datetime import UTC, datetime
 
 from app.replay import WakeUp
+from app.replay.wakeup import RETRY_PASSED_OVER_MS, wake_up_time
 from app.scheduler import WAKE_JOB, WakeUpScheduler
 from tests.support.fakes import FakeClock
 
@@ -170,3 +171,39 @@ async def test_wake_ups_are_not_refused_while_one_runs() -> None:
         assert job.max_instances > 1
     finally:
         scheduler.shutdown()
+
+
+async def test_an_event_the_run_could_not_claim_is_tried_again_after_a_pause() -> None:
+    """The run claimed nothing, yet the event it was woken for is due still (its row locked by
+    another transaction): the next try waits `RETRY_PASSED_OVER_MS`, it does not spin."""
+    clock = FakeClock(start_ms=int(datetime(2030, 1, 1, tzinfo=UTC).timestamp() * 1000))
+    due = clock.now_ms() - 500
+
+    async def nothing_claimed() -> int | None:
+        return 0
+
+    async def next_due() -> int | None:
+        return due
+
+    scheduler = WakeUpScheduler(
+        wakeup=WakeUp(),
+        run_due=nothing_claimed,
+        next_due=next_due,
+        prune=Table(clock).prune,
+        clock=clock,
+        sweep_seconds=15,
+        prune_seconds=600,
+    )
+    scheduler.start()
+    try:
+        await scheduler.tick()
+        assert scheduler.wake_at == clock.now_ms() + RETRY_PASSED_OVER_MS
+        assert _job_time(scheduler) == clock.now_ms() + RETRY_PASSED_OVER_MS
+    finally:
+        scheduler.shutdown()
+
+
+def test_an_event_fallen_due_since_the_claim_is_claimed_at_once() -> None:
+    assert wake_up_time(next_due=1_050, claimed_at=1_000, now=1_060) == 1_050
+    assert wake_up_time(next_due=1_000, claimed_at=1_000, now=1_060) == 1_060 + RETRY_PASSED_OVER_MS
+    assert wake_up_time(next_due=5_000, claimed_at=1_000, now=1_060) == 5_000
