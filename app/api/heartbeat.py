@@ -4,13 +4,14 @@ routing, validation and serialisation, through the very same action as the route
 (`app.api.actions`). The routed endpoint stays declared for the API description.
 
 A call without a token on an id the sidecar never issued (`app.delay_ids`), or on an id of the
-untagged form while their shared budget is spent, is refused here before anything else is done
+untagged form not yet known while their shared budget is spent, is refused here before anything else is done
 for it: such calls are what a flood of guessed ids is made of, and they share the event loop with
 everyone's heartbeat."""
 
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -39,14 +40,26 @@ _TEMPLATES = {
 _PLAIN_ID = re.compile(r"[A-Za-z0-9_-]{1,255}")
 
 
+def _names_access_token(query: bytes) -> bool:
+    """Whether a query string has an `access_token` parameter, its name read as `app.auth` reads
+    it (`&` and `;` separate, `+` is a space, the name percent-decoded)."""
+    if b"access_token" not in query and b"%" not in query:
+        return False
+    for part in re.split("[&;]", query.decode("latin-1")):
+        if unquote(part.partition("=")[0].replace("+", " ")) == "access_token":
+            return True
+    return False
+
+
 def _early_refusal(scope: Scope, delay_id: str) -> MatrixError | None:
     """The answer the full path would give a call without a token that cannot be honoured,
     whatever its body, found without the body, the framework's request, the limits or the
     database, so that a flood of made-up ids costs as little as it can: 404 for an id the
     sidecar cannot have issued, 429 for an id of the untagged form while their shared budget is
-    spent. None when the full path must judge: a query string (it may carry `access_token`), an
-    `Authorization` header, or a body of unknown length or over the limit (refused 413 first)."""
-    if scope.get("query_string") or not _PLAIN_ID.fullmatch(delay_id):
+    spent. None when the full path must judge: an `access_token` query parameter (whatever its
+    value), an `Authorization` header, or a body of unknown length or over the limit (refused
+    413 first). Any other query parameter changes nothing for a restart."""
+    if not _PLAIN_ID.fullmatch(delay_id) or _names_access_token(scope.get("query_string", b"")):
         return None
     declared = None
     for name, value in scope["headers"]:

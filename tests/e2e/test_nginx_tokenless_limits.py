@@ -5,13 +5,16 @@ Each test gets a fresh nginx (fresh zones). Budgets are spent by sending faster 
 (50 a second per address, 500 a second in all): calls go out back to back on kept-alive
 connections, many times faster than that, and each test sends until the first refusal, with a cap.
 Client addresses other than 127.0.0.1 are other loopback addresses (127.0.0.0/8), bound as the
-source of the connection.
+source of the connection; IPv6 clients are given by an `X-Real-IP` header that the IPv6 tests'
+nginx trusts from loopback (ngx_http_realip_module, as behind a load balancer).
 """
 
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
+import random
 import secrets
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -44,8 +47,19 @@ class FastRecorder(Recorder):
         return server
 
 
-@pytest.fixture
-def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+# Server-level additions of the IPv6 tests: the client address from `X-Real-IP` when the
+# connection comes from loopback, and a location answering the per-address zone's key for it.
+REAL_IP = """
+        set_real_ip_from 127.0.0.1;
+        real_ip_header X-Real-IP;
+        location = /_test/client-key {
+            default_type text/plain;
+            return 200 "$delayed_events_tokenless_client";
+        }
+"""
+
+
+def start_proxy(tmp_path_factory: pytest.TempPathFactory, extra: str = "") -> Iterator[Proxy]:
     recorder = FastRecorder()
     sidecar = recorder.serve("sidecar")
     homeserver = recorder.serve("homeserver")
@@ -55,6 +69,11 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
         homeserver.server_address[1],
         sidecar.server_address[1],
     )
+    if extra:
+        text = config.conf.read_text()
+        anchor = "server_name localhost;"
+        assert anchor in text
+        config.conf.write_text(text.replace(anchor, anchor + extra, 1))
     process = nginx.start(config)
     try:
         assert procs.wait_until(lambda: procs.http_ok(config.url + "/_matrix/client/versions"), 15)
@@ -65,6 +84,16 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
         process.wait()
         sidecar.shutdown()
         homeserver.shutdown()
+
+
+@pytest.fixture
+def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+    yield from start_proxy(tmp_path_factory)
+
+
+@pytest.fixture
+def real_ip_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+    yield from start_proxy(tmp_path_factory, REAL_IP)
 
 
 @dataclass(frozen=True)
@@ -102,10 +131,12 @@ def restart(delay_id: str | None = None) -> str:
     return f"{UNSTABLE}/delayed_events/{delay_id or secrets.token_urlsafe(27)}/restart"
 
 
-def until_refused(client: Client, cap: int, **kwargs: object) -> tuple[int, Answer | None]:
+def until_refused(
+    client: Client, cap: int, query: str = "", **kwargs: object
+) -> tuple[int, Answer | None]:
     """Tokenless restarts of random ids until the first refusal: how many went through, and it."""
     for sent in range(cap):
-        answer = client.send("POST", restart(), **kwargs)  # type: ignore[arg-type]
+        answer = client.send("POST", restart() + query, **kwargs)  # type: ignore[arg-type]
         if answer.status == 429:
             return sent, answer
         assert answer.status == 200, answer
@@ -144,12 +175,20 @@ def test_the_refusal_is_a_matrix_error_with_retry_after(proxy: Proxy) -> None:
     ("method", "headers", "query"),
     [
         ("POST", {"Authorization": "Bearer token"}, ""),
+        ("POST", {"Authorization": "bearer token"}, ""),
         ("POST", {}, "?access_token=token"),
-        ("POST", {}, "?ACCESS_TOKEN=token"),
-        ("POST", {}, "?access%5Ftoken=token"),
+        ("POST", {}, "?x=1&access_token=token"),
+        ("POST", {}, "?x=1;access_token=token"),
         ("OPTIONS", {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}, ""),
     ],
-    ids=["authorization-header", "query-token", "query-token-upper", "query-token-encoded", "cors"],
+    ids=[
+        "authorization-header",
+        "authorization-header-lowercase-scheme",
+        "query-token",
+        "query-token-after-another-parameter",
+        "query-token-after-a-semicolon",
+        "cors",
+    ],
 )
 def test_calls_with_a_token_and_preflights_are_not_counted(
     proxy: Proxy, method: str, headers: dict[str, str], query: str
@@ -165,6 +204,146 @@ def test_calls_with_a_token_and_preflights_are_not_counted(
     last = proxy.recorder.take()[-3:]
     assert [(upstream, verb) for upstream, verb, _ in last] == [("sidecar", method)] * 3
     assert all(path.endswith("/restart" + query) for _, _, path in last)
+
+
+@pytest.mark.parametrize(
+    ("headers", "query"),
+    [
+        ({}, "?%41=1"),
+        ({}, "?x%=1"),
+        ({}, "?x%="),
+        ({}, "?x=1"),
+        ({}, "?access_token="),
+        ({}, "?access_token"),
+        ({}, "?access_token=&x=1"),
+        ({}, "?ACCESS_TOKEN=token"),
+        ({}, "?access%5Ftoken=token"),
+        ({}, "?%61ccess_token=token"),
+        ({}, "?x_access_token=token"),
+        ({"Authorization": "x"}, ""),
+        ({"Authorization": "Bearer"}, ""),
+        ({"Authorization": "Bearer "}, ""),
+        ({"Authorization": "Basic dXNlcjpwYXNz"}, ""),
+        ({"Authorization": "Bearertoken"}, ""),
+    ],
+    ids=[
+        "encoded-junk-name",
+        "bad-escape-in-a-name",
+        "bad-escape-in-a-name-no-value",
+        "another-parameter",
+        "empty-query-token",
+        "query-token-without-a-value",
+        "empty-query-token-then-another",
+        "query-token-name-in-capitals",
+        "query-token-name-encoded",
+        "query-token-name-first-letter-encoded",
+        "query-token-name-as-a-suffix",
+        "authorization-not-a-scheme",
+        "authorization-bearer-without-a-token",
+        "authorization-bearer-and-a-space",
+        "authorization-basic",
+        "authorization-bearer-run-together",
+    ],
+)
+def test_calls_not_carrying_a_token_as_the_sidecar_reads_it_are_counted(
+    proxy: Proxy, headers: dict[str, str], query: str
+) -> None:
+    # The sidecar reads none of these as a token: it would act on them without one (or refuse
+    # them itself), so nginx counts them like any call without a token. Calls not counted would
+    # never be refused.
+    client = Client(proxy)
+    try:
+        passed, refused = until_refused(client, 5_000, query, headers=headers)
+    finally:
+        client.close()
+    assert refused is not None
+    assert passed >= PER_ADDRESS_BURST
+
+
+def test_calls_with_any_other_method_are_counted(proxy: Proxy) -> None:
+    # nginx takes `-` and `_` in a method's name.
+    client = Client(proxy)
+    try:
+        statuses = []
+        while len(statuses) < 5_000 and 429 not in statuses:
+            statuses.append(client.send("M-SEARCH", restart()).status)
+    finally:
+        client.close()
+    assert statuses[-1] == 429
+    assert len(statuses) > PER_ADDRESS_BURST
+
+
+def test_calls_from_one_ipv6_64_share_its_budget(real_ip_proxy: Proxy) -> None:
+    # Each call from another address of the /64: fewer calls than the budget of all addresses
+    # together, so only the /64's own budget can refuse them.
+    client = Client(real_ip_proxy)
+    try:
+        for n in range(1, ALL_BURST - 100):
+            address = f"2001:db8:1:2:{n:x}::{n:x}"
+            answer = client.send("POST", restart(), {"X-Real-IP": address})
+            if answer.status == 429:
+                break
+            assert answer.status == 200
+        other = [
+            client.send("POST", restart(), {"X-Real-IP": address}).status
+            for address in ("2001:db8:1:3::1", "2001:db8::1", "127.0.0.2")
+        ]
+    finally:
+        client.close()
+    assert answer.status == 429
+    assert n > PER_ADDRESS_BURST
+    assert other == [200, 200, 200]
+
+
+def ipv6(groups: list[int]) -> ipaddress.IPv6Address:
+    return ipaddress.IPv6Address(b"".join(g.to_bytes(2, "big") for g in groups))
+
+
+# Interface identifiers (the last 64 bits) that move `::` around: before, after and inside them.
+SUFFIXES = [[0, 0, 0, 0], [0, 0, 0, 1], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [1, 0, 0, 1]]
+SUFFIXES += [[0, 1, 2, 3], [0xFFFF] * 4, [5, 0, 0, 7]]
+
+
+def ipv6_networks(count: int) -> list[list[int]]:
+    """The first four groups of IPv6 /64s, with zero groups in every position."""
+    rng = random.Random(64)
+    prefixes = [[0, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1], [0, 1, 0, 0], [0x2001, 0xDB8, 0, 0]]
+    while len(prefixes) < count:
+        prefix = [rng.choice((0, 0, 1, 0xFFFF, rng.randrange(1 << 16))) for _ in range(4)]
+        if prefix not in prefixes:
+            prefixes.append(prefix)
+    return prefixes
+
+
+def test_the_per_address_key_of_an_ipv6_client_is_its_64(real_ip_proxy: Proxy) -> None:
+    client = Client(real_ip_proxy)
+    keys: dict[bytes, set[str]] = {}
+
+    def key(address: ipaddress.IPv6Address) -> bytes:
+        answer = client.send("GET", "/_test/client-key", {"X-Real-IP": str(address)}, b"")
+        assert answer.status == 200
+        assert answer.body
+        return answer.body
+
+    try:
+        for prefix in ipv6_networks(60):
+            found = set()
+            for suffix in SUFFIXES:
+                address = ipv6(prefix + suffix)
+                if int(address) >> 32 in (0, 0xFFFF):  # IPv4-compatible or mapped: below
+                    continue
+                found.add(key(address))
+            # Every address of a /64 has its key ...
+            assert len(found) == 1, (prefix, found)
+            keys.setdefault(found.pop(), set()).add(":".join(f"{g:x}" for g in prefix))
+        # ... and no two /64s share one.
+        assert all(len(prefixes) == 1 for prefixes in keys.values()), keys
+        # An IPv4 client that reaches nginx over IPv6 keeps a key of its own.
+        mapped = {key(ipaddress.IPv6Address(f"::ffff:192.0.2.{n}")) for n in (1, 2)}
+    finally:
+        client.close()
+    assert len(mapped) == 2
+    assert not mapped & keys.keys()
 
 
 def test_other_addresses_keep_their_own_budget(proxy: Proxy) -> None:
@@ -219,12 +398,11 @@ def test_refusals_are_left_out_of_the_access_log(proxy: Proxy) -> None:
     try:
         passed, refused = until_refused(client, 5_000)
         assert refused is not None
-        # The budget refills as time passes: a later call may go through too, and is logged.
-        later = [client.send("POST", restart()) for _ in range(20)]
-        passed += sum(answer.status == 200 for answer in later)
+        # (The budget refills meanwhile: some of these may go through, and are logged.)
+        statuses = [client.send("POST", restart()).status for _ in range(20)]
     finally:
         client.close()
     log = (proxy.config.prefix / "access.log").read_text().splitlines()
     restarts = [line for line in log if "/restart HTTP/1.1" in line]
     assert [line for line in restarts if '" 429 ' in line] == []
-    assert len([line for line in restarts if '" 200 ' in line]) == passed
+    assert len([line for line in restarts if '" 200 ' in line]) == passed + statuses.count(200)

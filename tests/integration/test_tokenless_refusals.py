@@ -16,6 +16,7 @@ from starlette.types import Message
 
 from app.delay_ids import DelayIds
 from tests.integration.common import UNSTABLE, act, assert_error, rows, schedule_message
+from tests.integration.test_forged_ids import Checkouts
 from tests.support.fakes import FakeClock
 
 TIGHT_UNTAGGED = {"ratelimit_untagged_per_second": 1.0, "ratelimit_untagged_burst": 2}
@@ -26,7 +27,9 @@ def settings_overrides(request: pytest.FixtureRequest) -> dict[str, Any]:
     return getattr(request, "param", {})
 
 
-def restart_scope(app: FastAPI, delay_id: str, headers: list[tuple[bytes, bytes]]) -> Any:
+def restart_scope(
+    app: FastAPI, delay_id: str, headers: list[tuple[bytes, bytes]], query: bytes = b""
+) -> Any:
     path = f"{UNSTABLE}/delayed_events/{delay_id}/restart"
     return {
         "type": "http",
@@ -36,7 +39,7 @@ def restart_scope(app: FastAPI, delay_id: str, headers: list[tuple[bytes, bytes]
         "scheme": "http",
         "path": path,
         "raw_path": path.encode(),
-        "query_string": b"",
+        "query_string": query,
         "root_path": "",
         "headers": [(b"host", b"sidecar.test"), *headers],
         "client": ("127.0.0.1", 5000),
@@ -46,7 +49,7 @@ def restart_scope(app: FastAPI, delay_id: str, headers: list[tuple[bytes, bytes]
 
 
 async def call_without_body(
-    app: FastAPI, delay_id: str, headers: list[tuple[bytes, bytes]]
+    app: FastAPI, delay_id: str, headers: list[tuple[bytes, bytes]], query: bytes = b""
 ) -> tuple[int, dict[str, str], Any, bool]:
     """One tokenless restart whose body never arrives: status, headers, body, and whether the
     body was asked for."""
@@ -61,7 +64,7 @@ async def call_without_body(
     async def send(message: Message) -> None:
         sent.append(message)
 
-    await app(restart_scope(app, delay_id, headers), receive, send)
+    await app(restart_scope(app, delay_id, headers, query), receive, send)
     start = next(m for m in sent if m["type"] == "http.response.start")
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
     names = {k.decode(): v.decode() for k, v in start["headers"]}
@@ -81,6 +84,38 @@ async def test_an_id_never_issued_is_refused_before_the_body_is_read(
     assert_error(full, 404, "M_NOT_FOUND")
     assert body == full.json()
     assert names["access-control-allow-origin"] == full.headers["access-control-allow-origin"]
+
+
+@pytest.mark.parametrize(
+    "query",
+    [b"x=1", b"%41=1", b"x%=", b"access_token_x=t", b"x=access_token", b"ACCESS_TOKEN=t"],
+    ids=["other", "encoded-name", "bad-escape", "longer-name", "as-a-value", "capitals"],
+)
+async def test_a_query_without_an_access_token_does_not_delay_the_refusal(
+    app: FastAPI, query: bytes
+) -> None:
+    forged = DelayIds([secrets.token_bytes(32)]).new()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"2")]
+    with Checkouts(app) as checkouts:
+        status, _, body, asked = await call_without_body(app, forged, headers, query)
+    assert (status, body["errcode"]) == (404, "M_NOT_FOUND")
+    assert not asked
+    assert checkouts.count == 0
+
+
+@pytest.mark.parametrize(
+    "query",
+    [b"access_token=", b"x=1&access_token", b"x=1;%61ccess_token=", b"access%5Ftoken="],
+    ids=["empty", "no-value", "encoded-after-a-semicolon", "encoded-underscore"],
+)
+async def test_a_query_naming_an_access_token_goes_the_full_path(
+    app: FastAPI, query: bytes
+) -> None:
+    # The sidecar reads these as an (empty) access token: refused as such, not as a tokenless call.
+    forged = DelayIds([secrets.token_bytes(32)]).new()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"2")]
+    status, _, body, _ = await call_without_body(app, forged, headers, query)
+    assert (status, body["errcode"]) == (401, "M_MISSING_TOKEN")
 
 
 async def test_an_oversized_body_is_still_refused_first(app: FastAPI) -> None:
