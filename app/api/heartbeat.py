@@ -4,9 +4,9 @@ routing, validation and serialisation, through the very same action as the route
 (`app.api.actions`). The routed endpoint stays declared for the API description.
 
 A call without a token on an id the sidecar never issued (`app.delay_ids`), or on an id of the
-untagged form not yet known while their shared budget is spent, is refused here before anything else is done
-for it: such calls are what a flood of guessed ids is made of, and they share the event loop with
-everyone's heartbeat."""
+untagged form not yet known while their shared budget is spent, is refused here before anything
+else is done for it: such calls are what a flood of guessed ids is made of, and they share the
+event loop with everyone's heartbeat."""
 
 from __future__ import annotations
 
