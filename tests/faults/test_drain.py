@@ -24,8 +24,14 @@ from tests.faults.support import Figures, delay_until, lead_time, say
 
 LEAVE = "org.matrix.msc3401.call.member"
 COUNT = 200
-WINDOW = 2.0  # every leave falls due within this many seconds
+WINDOW = 2.0  # every leave of a batch falls due within this many seconds
 SLOTS = 4  # request slots per replica: the drained replica has all of them held at the homeserver
+# How many claimed events a replica holds at most. The replica to be drained gets exactly this
+# many leaves, in rooms of their own, before its peer starts: it claims every one of them and is
+# then full, so it claims nothing more, and while it lives no other replica sends in its rooms.
+MAX_CLAIMED = 50
+ITS_ROOMS = [f"!drain-{n}:test" for n in range(5)]
+PEER_ROOMS = [f"!drain-{n}:test" for n in range(5, 10)]
 SWEEP = 1.0
 # Far longer than the hand-over may take: only the drain can explain a fast one.
 LEASE = 30.0
@@ -84,38 +90,47 @@ def test_a_sigtermed_replica_hands_its_claims_over_at_once(
         "CLAIM_LEASE_SECONDS": str(LEASE),
         "SWEEP_INTERVAL_SECONDS": str(SWEEP),
         "REPLAY_CONCURRENCY": str(SLOTS),
-        "REPLAY_MAX_CLAIMED": "50",
+        "REPLAY_MAX_CLAIMED": str(MAX_CLAIMED),
         "DRAIN_SECONDS": str(DRAIN_SECONDS),
         # The held sends are answered when the test opens their gates, never timed out.
         "HOMESERVER_TIMEOUT_SECONDS": "300",
     }
+    # Only the replica to be drained runs at first. A room's events go out from one replica at a
+    # time, so which replica holds which claims is set here, not left to the race between them.
     leaving = spawn("leaving", HOMESERVER_URL=homeserver.url_for("leaving"), **settings)
-    peer = spawn("peer", HOMESERVER_URL=homeserver.url_for("peer"), **settings)
-    # The first leaves the replica sends are taken by the homeserver and their answers held:
-    # every one of its request slots is busy, and what else it claims waits in its queues.
-    gates = [homeserver.hold("leaving") for _ in range(SLOTS)]
-
-    first_due = time.time() + lead_time(leaving.pace(ALICE), COUNT)
-    delay_ids: dict[int, str] = {}
-    for seq in range(COUNT):
-        via = (leaving, peer)[seq % 2]
-        delay_ms = delay_until(first_due + WINDOW * seq / COUNT)
-        answer = via.schedule_state(
-            ALICE,
-            f"!drain-{seq % 10}:test",
-            LEAVE,
-            f"_@alice:test_DEV{seq}",
-            {"seq": seq},
-            delay_ms,
-        )
-        assert answer.status_code == 200, answer.text
-        delay_ids[seq] = answer.json()["delay_id"]
-    assert all(gate.wait_held(WAIT) for gate in gates), "the replica never had its sends held"
-    # Every leave is due, and the peer has sent every one it could: what is left is claimed by
-    # the replica about to be stopped, so what lands after the SIGTERM is what it handed over.
+    peer = spawn("peer", start=False, HOMESERVER_URL=homeserver.url_for("peer"), **settings)
     found_key = LOCK.search(leaving.log.read_text())
     assert found_key, tail(leaving.log)
     key = found_key.group(1)
+    # The first leaves the replica sends are taken by the homeserver and their answers held:
+    # every one of its request slots is busy, and what else it claims waits in its queues.
+    gates = [homeserver.hold("leaving") for _ in range(SLOTS)]
+    pace = leaving.pace(ALICE)
+
+    def schedule(seqs: range, rooms: list[str], via: tuple[Sidecar, ...]) -> None:
+        first_due = time.time() + lead_time(pace, len(seqs))
+        for n, seq in enumerate(seqs):
+            answer = via[seq % len(via)].schedule_state(
+                ALICE,
+                rooms[seq % len(rooms)],
+                LEAVE,
+                f"_@alice:test_DEV{seq}",
+                {"seq": seq},
+                delay_until(first_due + WINDOW * n / len(seqs)),
+            )
+            assert answer.status_code == 200, answer.text
+
+    its_share = range(MAX_CLAIMED)
+    schedule(its_share, ITS_ROOMS, (leaving,))
+    assert all(gate.wait_held(WAIT) for gate in gates), "the replica never had its sends held"
+    assert wait_until(lambda: _not_held_by(database_url, key) == 0, WAIT, 0.2), (
+        "the replica never claimed its whole share"
+    )
+    # It holds as many claims as it may: it claims nothing more while its sends are held.
+    peer.start()
+    schedule(range(MAX_CLAIMED, COUNT), PEER_ROOMS, (leaving, peer))
+    # Every leave is due, and the peer has sent every one it could: what is left is claimed by
+    # the replica about to be stopped, so what lands after the SIGTERM is what it handed over.
     assert wait_until(lambda: _not_held_by(database_url, key) == 0, WAIT, 0.2), (
         "the peer never sent its share"
     )
@@ -142,9 +157,12 @@ def test_a_sigtermed_replica_hands_its_claims_over_at_once(
     arrivals = homeserver.arrivals()
     lost, twice = _once(arrivals)
     held = [gate.seq for gate in gates]
-    after = [
-        got[0].arrived - drain_began for got in arrivals.values() if got[0].arrived > drain_began
-    ]
+    landed_after = {
+        seq: got[0].arrived - drain_began
+        for seq, got in arrivals.items()
+        if got[0].arrived > drain_began
+    }
+    after = list(landed_after.values())
     log = leaving.log.read_text()
     found = GAVE_BACK.search(log)
     assert found, f"no drain in the log:\n{tail(leaving.log)}"
@@ -173,6 +191,7 @@ def test_a_sigtermed_replica_hands_its_claims_over_at_once(
     assert homeserver.repeats == 0, "a leave was PUT again"
     assert in_flight == SLOTS
     assert "drained: every send answered and its outcome written" in log
-    assert gave_back > 0, "the replica held nothing to hand over: the test shows nothing"
-    assert after, "nothing landed after the SIGTERM: the test shows nothing"
+    # It held its whole share: four sends at the homeserver, the rest queued and handed over.
+    assert gave_back == MAX_CLAIMED - SLOTS, gave_back
+    assert sorted(landed_after) == sorted(set(its_share) - set(held)), sorted(landed_after)
     assert max(after) <= HANDOVER_BOUND, sorted(after)[-5:]
