@@ -10,7 +10,7 @@ from app.crypto import TokenCipher
 from app.homeserver import Credential
 from app.replay import SealedToken
 
-TOKEN = "syt_YWxpY2U_secretTokenValue_0a1b2c"
+TOKEN = "not-a-real-token-for-the-repr-test"
 
 
 def test_a_requester_hides_its_token() -> None:
